@@ -1,11 +1,37 @@
 """jqat: quantization-aware training and integer inference for JAX and Flax."""
 
+from jqat._src.calibration.histogram import HistogramState as HistogramState
+from jqat._src.calibration.range_stats import MovingAverageState as MovingAverageState
+from jqat._src.calibration.range_stats import RangeState as RangeState
+from jqat._src.calibration.search import entropy_amax as entropy_amax
+from jqat._src.calibration.search import entropy_divergences as entropy_divergences
+from jqat._src.calibration.search import mse_amax as mse_amax
+from jqat._src.calibration.search import percentile_amax as percentile_amax
+from jqat._src.calibration.stats import all_reduce_stats as all_reduce_stats
+from jqat._src.calibration.stats import finalize_stats as finalize_stats
+from jqat._src.calibration.stats import init_stats as init_stats
+from jqat._src.calibration.stats import merge_stats as merge_stats
+from jqat._src.calibration.stats import nonfinite_count as nonfinite_count
+from jqat._src.calibration.stats import update_stats as update_stats
+from jqat._src.calibration.tree import QuantizationSpec as QuantizationSpec
+from jqat._src.calibration.tree import calibrate_model as calibrate_model
+from jqat._src.calibration.tree import finalize as finalize
+from jqat._src.calibration.tree import init as init_tree
+from jqat._src.calibration.tree import merge as merge
+from jqat._src.calibration.tree import observe as observe
 from jqat._src.config import CalibMethod as CalibMethod
 from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
 from jqat._src.fake_quant import fake_quant as fake_quant
 from jqat._src.fake_quant import lsq_grad_scale as lsq_grad_scale
 from jqat._src.formats import QuantBits as QuantBits
+from jqat._src.int_ops import accumulator_bound as accumulator_bound
+from jqat._src.int_ops import int_dot_accumulator as int_dot_accumulator
+from jqat._src.int_ops import int_dot_general as int_dot_general
+from jqat._src.int_ops import int_matmul as int_matmul
+from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
+from jqat._src.int_ops import weight_sums as weight_sums
+from jqat._src.qat_dot import qat_dot_general as qat_dot_general
 from jqat._src.qparams import MIN_SCALE as MIN_SCALE
 from jqat._src.qparams import QParams as QParams
 from jqat._src.qparams import array_range as array_range
@@ -20,22 +46,58 @@ from jqat._src.qtensor import unpack_int4 as unpack_int4
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # The Flax layers load on first use, so the core imports without Flax.
+  if name in ("linen", "nnx"):
+    import importlib
+
+    return importlib.import_module(f"jqat.{name}")
+  raise AttributeError(f"module 'jqat' has no attribute {name!r}")
+
+
 __all__ = (
     "CalibMethod",
     "Estimator",
+    "HistogramState",
     "MIN_SCALE",
+    "MovingAverageState",
     "QParams",
     "QTensor",
     "QatConfig",
     "QuantBits",
+    "QuantizationSpec",
+    "RangeState",
+    "accumulator_bound",
+    "all_reduce_stats",
     "array_range",
+    "calibrate_model",
     "dequantize",
+    "entropy_amax",
+    "entropy_divergences",
     "fake_quant",
+    "finalize",
+    "finalize_stats",
+    "init_stats",
+    "init_tree",
+    "int_dot_accumulator",
+    "int_dot_general",
+    "int_matmul",
     "lsq_grad_scale",
+    "merge",
+    "merge_stats",
+    "mse_amax",
+    "nonfinite_count",
+    "observe",
     "pack_int4",
     "params_shape",
+    "percentile_amax",
+    "qat_dot_general",
     "qparams_from_array",
     "qparams_from_range",
     "quantize",
     "unpack_int4",
+    "update_stats",
+    "weight_only_matmul",
+    "weight_sums",
 )

@@ -2,8 +2,9 @@
 
 ``fake_quant(x) = (clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``
 for integer formats, and ``clip(x / scale, -max, max).astype(fp8) * scale`` for
-fp8. The forward is the same arithmetic as ``dequantize(quantize(x))``, so the
-two agree bit for bit.
+fp8, with ``x / scale`` evaluated as ``x * (1 / scale)`` (see ``to_grid_units``).
+The forward is the same arithmetic as ``dequantize(quantize(x))``, so the two
+agree bit for bit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from jqat._src import formats
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import Estimator, QatConfig
 from jqat._src.qparams import QParams
+
+
+def to_grid_units(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """``x / scale``, computed as ``x * (1 / scale)``.
+
+  XLA turns a division by a broadcast scale into a multiplication by its
+  reciprocal in some graphs and not in others (it depends on constants and on
+  how many ops share the broadcast), and the two differ in the last bit. Written
+  as the multiplication, the result is the same eager, under jit and fused into
+  any larger computation, so ``fake_quant`` and ``quantize`` always agree.
+  """
+  return x * (1 / scale)
 
 
 def quantize_grid(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
@@ -46,7 +59,7 @@ def _effective_zero_point(zero_point, config: QatConfig, dtype):
 def _forward(x, scale, zero_point, config: QatConfig):
   """Fake-quant forward on grouped-layout arrays; also returns the in-range mask."""
   cd = formats.compute_dtype(x.dtype)
-  xs = x.astype(cd) / scale.astype(cd)
+  xs = to_grid_units(x.astype(cd), scale.astype(cd))
   zp = _effective_zero_point(zero_point, config, cd)
   q = quantize_grid(xs, zp, config)
   y = ((q - zp) * scale.astype(cd)).astype(x.dtype)
@@ -150,9 +163,10 @@ def fake_quant(
   """Quantizes and dequantizes ``x``; differentiable with a straight-through gradient.
 
   ``y = (clip(round(x / s) + z, qmin, qmax) - z) * s`` for integers (round half
-  to even), ``y = fp8(clip(x / s, -max, max)) * s`` for fp8. The arithmetic
-  runs in float32 (float64 for float64 inputs) and ``y`` has the shape and
-  dtype of ``x``.
+  to even), ``y = fp8(clip(x / s, -max, max)) * s`` for fp8, where ``x / s``
+  is evaluated as ``x * (1 / s)`` in every context. The arithmetic runs in
+  float32 (float64 for float64 inputs) and ``y`` has the shape and dtype of
+  ``x``.
 
   Gradients, by ``config.estimator``:
 
@@ -191,6 +205,7 @@ def fake_quant(
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"fake_quant needs a float array, got dtype {x.dtype}")
+  qparams_lib.kept_axes(x.shape, config)  # a channel or group axis that x lacks is an error, not a silent broadcast
   scale = qparams_lib.params_to_groups(qparams.scale, x.ndim, config)
   zero_point = qparams_lib.params_to_groups(qparams.zero_point, x.ndim, config)
   xg = qparams_lib.to_groups(x, config)

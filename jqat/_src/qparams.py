@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jqat._src.config import QatConfig
@@ -132,6 +133,20 @@ def array_range(x: ArrayLike, config: QatConfig) -> tuple[jax.Array, jax.Array]:
   return lo, hi
 
 
+def _divide(a: jax.Array, b) -> jax.Array:
+  """``a / b``, correctly rounded wherever it is compiled.
+
+  XLA rewrites a division by a constant or by a broadcast scalar into a
+  multiplication by its reciprocal, which can differ in the last bit, and
+  whether it does depends on the surrounding graph (eager, jit, fusion). A
+  full-shaped divisor behind an optimization barrier keeps the true division,
+  so the scale is the same everywhere. Parameters are small; the copy is cheap.
+  """
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+  b = lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), shape))
+  return a / b
+
+
 def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig) -> QParams:
   """Scale and zero point that cover ``[min_val, max_val]``.
 
@@ -172,11 +187,11 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   qmin, qmax = config.qmin, config.qmax
   if config.symmetric:
     amax = jnp.maximum(-lo, hi)
-    scale = jnp.maximum(amax / qmax, MIN_SCALE)
+    scale = jnp.maximum(_divide(amax, qmax), MIN_SCALE)
     zero_point = jnp.zeros_like(scale)
   else:
-    scale = jnp.maximum((hi - lo) / (qmax - qmin), MIN_SCALE)
-    zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    scale = jnp.maximum(_divide(hi - lo, qmax - qmin), MIN_SCALE)
+    zero_point = jnp.clip(qmin - jnp.round(_divide(lo, scale)), qmin, qmax)
   return QParams(scale=scale, zero_point=zero_point)
 
 

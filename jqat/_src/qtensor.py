@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 from jqat._src import formats
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import QatConfig
-from jqat._src.fake_quant import _effective_zero_point, quantize_grid
+from jqat._src.fake_quant import _effective_zero_point, quantize_grid, to_grid_units
 from jqat._src.qparams import QParams
 
 # Sub-byte integers are packed along this axis: adjacent pairs of rows share a
@@ -152,7 +152,7 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
   scale_b = jnp.broadcast_to(scale, full) if scale.ndim <= len(full) else scale
   zp_b = jnp.broadcast_to(zp, scale_b.shape)
   xg = qparams_lib.to_groups(x, config)
-  xs = xg.astype(cd) / qparams_lib.params_to_groups(scale_b, x.ndim, config).astype(cd)
+  xs = to_grid_units(xg.astype(cd), qparams_lib.params_to_groups(scale_b, x.ndim, config).astype(cd))
   q = quantize_grid(xs, qparams_lib.params_to_groups(zp_b, x.ndim, config).astype(cd), config)
   q = qparams_lib.from_groups(q, x.shape, config)
   if config.bits.is_float:

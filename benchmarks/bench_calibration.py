@@ -1,0 +1,150 @@
+"""Calibration speed: jqat against straightforward NumPy implementations of the same algorithms.
+
+For each method, calibrating 4 batches of 1M float32 elements (observe each batch, then finalize), and the entropy
+threshold search alone on a 2048-bin histogram. jqat is timed after a warm-up call (compilation excluded), with
+``block_until_ready``; every figure is the median of several runs. Also: ``observe`` (one update) against a bare
+jitted ``jnp.max(jnp.abs(x))`` over the same batch.
+
+Run: ``python benchmarks/bench_calibration.py [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+import jqat
+
+NUM_BATCHES = 4
+BATCH = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NumPy: one candidate at a time, as the published calibrators do.
+
+
+def np_entropy_amax(hist, edges, num_levels=128, start_bin=128):
+  bins = np.array(hist, dtype=np.float64)
+  bins[0] = bins[1]
+  divergences = []
+  for i in range(start_bin, len(bins) + 1):
+    p = bins[:i].copy()
+    p[i - 1] += bins[i:].sum()
+    level = np.digitize(np.arange(i), np.linspace(0, i, num_levels + 1)) - 1
+    level[bins[:i] == 0] = -1
+    used = level >= 0
+    sums = np.bincount(level[used], weights=bins[:i][used], minlength=num_levels)
+    nonzero = np.bincount(level[used], minlength=num_levels)
+    q = np.zeros(i)
+    q[used] = sums[level[used]] / nonzero[level[used]]
+    divergences.append(scipy.stats.entropy(p, q))
+  divergences = np.array(divergences)
+  return edges[len(divergences) - 1 - np.argmin(divergences[::-1]) + start_bin]
+
+
+def np_percentile_amax(hist, edges, percentile=99.99):
+  return edges[np.searchsorted(np.cumsum(hist / hist.sum()), percentile / 100)]
+
+
+def np_mse_amax(hist, edges, qmax=127, start_bin=128):
+  centres = (edges[1:] + edges[:-1]) / 2
+  mses = []
+  for i in range(start_bin, len(centres)):
+    s = qmax / centres[i]
+    mses.append(((np.clip(np.round(centres * s), -qmax, qmax) / s - centres) ** 2 * hist).mean())
+  return centres[start_bin + np.argmin(mses)]
+
+
+def np_calibrate(batches, method):
+  """Running min/max or a 2048-bin histogram of |x| (re-binned as the range grows), then the search."""
+  if method in ("minmax", "moving_average"):
+    lo, hi = np.inf, -np.inf
+    for k, b in enumerate(batches):
+      blo, bhi = float(b.min()), float(b.max())
+      if method == "minmax" or k == 0:
+        lo, hi = min(lo, blo), max(hi, bhi)
+      else:
+        lo, hi = 0.9 * lo + 0.1 * blo, 0.9 * hi + 0.1 * bhi
+    return max(-lo, hi)
+  amax = max(float(np.abs(b).max()) for b in batches)  # one extra pass instead of re-binning: favours NumPy
+  hist = np.zeros(2048)
+  for b in batches:
+    hist += np.histogram(np.abs(b), bins=2048, range=(0, amax))[0]
+  edges = np.linspace(0, amax, 2049)
+  if method == "percentile":
+    return np_percentile_amax(hist, edges)
+  if method == "entropy":
+    return np_entropy_amax(hist, edges)
+  return np_mse_amax(hist, edges)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _median_time(fn, repeats, warm_up=True):
+  if warm_up:
+    fn()  # compiles
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  rng = np.random.default_rng(0)
+  batches_np = [rng.laplace(size=BATCH).astype(np.float32) for _ in range(NUM_BATCHES)]
+  batches = [jnp.asarray(b) for b in batches_np]
+  cfg = jqat.QatConfig()
+  update = jax.jit(jqat.update_stats)
+  finalize = jax.jit(jqat.finalize_stats, static_argnames=("config", "method", "percentile"))
+
+  print(f"\ncalibration of {NUM_BATCHES} batches of {BATCH} float32 (observe each, then finalize), median seconds")
+  print(f"{'method':<16}{'jqat':>10}{'numpy':>10}{'speed-up':>10}")
+  for method in ("minmax", "moving_average", "percentile", "entropy", "mse"):
+
+    def run(method=method):
+      s = jqat.init_stats((BATCH,), cfg, method)
+      for b in batches:
+        s = update(s, b)
+      return finalize(s, cfg, method)
+
+    t_jqat = _median_time(run, args.repeats)
+    np_repeats = 1 if method in ("entropy", "mse") else args.repeats  # the loops take seconds
+    t_np = _median_time(lambda method=method: np_calibrate(batches_np, method), np_repeats, warm_up=False)
+    print(f"{method:<16}{t_jqat:>10.4f}{t_np:>10.4f}{t_np / t_jqat:>9.1f}x")
+
+  print("\nentropy threshold search alone (2048-bin histogram), median seconds")
+  hist, edges = np.histogram(np.abs(batches_np[0]), bins=2048)
+  counts = jnp.asarray(hist.astype(np.int32))
+  width = np.float32(edges[1])
+  t_jqat = _median_time(lambda: jqat.entropy_amax(counts, width), 20)
+  t0 = time.perf_counter()
+  ref = np_entropy_amax(hist, edges)
+  t_np = time.perf_counter() - t0
+  got = float(jqat.entropy_amax(counts, width))
+  print(f"jqat {t_jqat:.5f}  numpy loop {t_np:.4f}  speed-up {t_np / t_jqat:.0f}x  (amax {got:.6g} vs {ref:.6g})")
+
+  print("\nobserve one batch of 1M vs a bare jitted jnp.max(jnp.abs(x)), median seconds")
+  maxabs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
+  t_base = _median_time(lambda: maxabs(batches[0]), 20)
+  print(f"{'jnp.max(abs)':<16}{t_base:>10.5f}")
+  for method in ("minmax", "moving_average", "entropy"):
+    s = jqat.init_stats((BATCH,), cfg, method)
+    t = _median_time(lambda s=s: update(s, batches[0]), 20)
+    print(f"{method:<16}{t:>10.5f}{t / t_base:>9.2f}x")
+
+
+if __name__ == "__main__":
+  main()

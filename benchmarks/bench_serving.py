@@ -1,0 +1,118 @@
+"""Serving matmul: float32 vs the raw int8 dot vs jqat w8a8 and weight-only int8.
+
+Run: ``python benchmarks/bench_serving.py [--reps 15] [--shapes 8x4096x4096,...]``.
+
+For each (M, K, N) it times, as jitted functions (median of ``reps`` calls
+after warm-up, each ``block_until_ready``):
+
+* ``float``: ``x @ w`` in float32;
+* ``raw int8``: ``lax.dot_general(int8, int8, preferred_element_type=int32)``;
+* ``w8a8 dyn``: float activations quantized in the same jitted function (int8,
+  symmetric, per tensor, range from the batch), weights int8 symmetric per
+  channel, ``jqat.int_matmul``;
+* ``w8a8 frozen``: activations asymmetric with frozen (calibrated) qparams,
+  prepared weight sums (``jqat.weight_sums``);
+* ``w8a8 int-in``: activations already int8 (the previous layer's output):
+  ``int_matmul`` on QTensors alone, comparable with the raw int8 dot;
+* ``w-only``: float activations, int8 weights, ``jqat.weight_only_matmul``
+  (K-blocked, 256 rows per step; ``kb64`` / ``kb1024`` other block sizes;
+  ``w-only 1dot``: one dot with the whole weight converted).
+
+It prints times, ratios to float and to the raw int8 dot, and the bytes of
+the serving variables (int8 values, scales, weight sums) against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jqat
+
+MATMUL = (((1,), (0,)), ((), ()))
+SHAPES = ((8, 4096, 4096), (256, 1024, 1024), (2048, 512, 512))
+
+
+def median_ms(f, *args, reps: int) -> float:
+  jax.block_until_ready(f(*args))
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)) * 1e3
+
+
+def nbytes(tree) -> int:
+  return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def bench_shape(m: int, k: int, n: int, reps: int) -> None:
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (m, k), jnp.float32)
+  w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
+  xcfg_dyn = jqat.QatConfig()
+  xcfg = jqat.QatConfig(symmetric=False)
+  wcfg = jqat.QatConfig(per_channel=True)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  sums = jqat.weight_sums(wq)
+  xqp = jqat.qparams_from_array(x, xcfg)  # frozen: as calibration would leave them
+  xq = jqat.quantize(x, xqp, xcfg)
+  xi, wi = xq.values, wq.values
+
+  def w8a8_dynamic(x, wq):
+    qp = jqat.qparams_from_array(x, xcfg_dyn)
+    return jqat.int_matmul(jqat.quantize(x, qp, xcfg_dyn), wq)
+
+  def w8a8_frozen(x, xqp, wq, sums):
+    return jqat.int_matmul(jqat.quantize(x, xqp, xcfg), wq, w_sums=sums)
+
+  variants = {
+    "float": (jax.jit(lambda a, b: a @ b), x, w),
+    "raw int8": (jax.jit(lambda a, b: lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32)), xi, wi),
+    "w8a8 dyn": (jax.jit(w8a8_dynamic), x, wq),
+    "w8a8 frozen": (jax.jit(w8a8_frozen), x, xqp, wq, sums),
+    "w8a8 int-in": (jax.jit(lambda a, b, s: jqat.int_matmul(a, b, w_sums=s)), xq, wq, sums),
+    "w-only": (jax.jit(jqat.weight_only_matmul), x, wq),
+    "w-only 1dot": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=None)), x, wq),
+    "w-only kb64": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=64)), x, wq),
+    "w-only kb1024": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=1024)), x, wq),
+  }
+  times = {name: median_ms(f, *args, reps=reps) for name, (f, *args) in variants.items()}
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  print(f"(M, K, N) = ({m}, {k}, {n})")
+  print(f"  {'variant':<13} {'ms':>8} {'/float':>7} {'/raw int8':>9}  max |err| vs float64")
+  for name, t in times.items():
+    f, *args = variants[name]
+    out = np.asarray(f(*args), np.float64)
+    err = "" if name == "raw int8" else f"{np.max(np.abs(out - ref)):.2e}"
+    print(f"  {name:<13} {t:8.3f} {t / times['float']:7.2f} {t / times['raw int8']:9.2f}  {err}")
+  float_bytes = nbytes(w)
+  serve_bytes = nbytes((wq, sums))
+  print(
+    f"  serving variables: {serve_bytes:,} B (int8 values + scales + sums) vs float32 {float_bytes:,} B "
+    f"= {serve_bytes / float_bytes:.3f}x"
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=15)
+  parser.add_argument("--shapes", type=str, default=None, help="comma-separated MxKxN")
+  args = parser.parse_args()
+  shapes = SHAPES
+  if args.shapes:
+    shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  for m, k, n in shapes:
+    bench_shape(m, k, n, args.reps)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Calibration: statistics states, threshold searches and PyTree helpers."""

@@ -1,0 +1,553 @@
+"""Flax linen layers: ``QatDotGeneral`` and the layers built on it.
+
+``QatDotGeneral`` is the one mechanism: any Flax layer that accepts a
+``dot_general_cls`` (``nn.Dense``, ``nn.DenseGeneral``, the projections of
+``nn.MultiHeadDotProductAttention``) quantizes through it, and ``QatDense`` and
+``QatConv`` are thin layers on top. The left operand is the activation, the
+right one the kernel.
+
+Collections:
+  * ``params``: the same parameters as the stock layer (plus learned scales
+    when a config uses ``estimator="lsq"``).
+  * ``quant_stats``: activation ranges (moving average, or frozen by
+    calibration). Updated only when the collection is mutable and the module
+    is not initializing, as ``nn.BatchNorm`` does with ``batch_stats``.
+  * ``quant_calib``: calibration statistics. When this collection is mutable,
+    layers observe their float inputs into it and compute in float.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import meta
+from flax.linen import module as _linen_module
+from jax import lax
+
+from jqat._src import qparams as qparams_lib
+from jqat._src.calibration import stats as calibration
+from jqat._src.config import CalibMethod, QatConfig
+from jqat._src.fake_quant import fake_quant
+from jqat._src.flax import common
+from jqat._src.formats import QuantBits
+from jqat._src.qparams import QParams
+from jqat._src.qtensor import quantize
+
+STATS = "quant_stats"
+SERVE = "serving"
+OWNS_KERNEL = "owns_kernel"
+CALIB = "quant_calib"
+_BITS = tuple(QuantBits)
+
+
+def _where(module: nn.Module) -> str:
+  path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+  return f"{type(module).__name__} at '/{path}'"
+
+
+def _encode_config(config: QatConfig) -> dict:
+  # The calibration collection records the activation format as arrays so
+  # that ``freeze`` can finalize it from the variables alone.
+  return {
+    "bits": jnp.asarray(_BITS.index(config.bits), jnp.int32),
+    "symmetric": jnp.asarray(config.symmetric),
+    "narrow_range": jnp.asarray(config.narrow_range),
+  }
+
+
+def _decode_config(code: Mapping) -> QatConfig:
+  return QatConfig(
+    bits=_BITS[int(code["bits"])], symmetric=bool(code["symmetric"]), narrow_range=bool(code["narrow_range"])
+  )
+
+
+def _autoname_as(module: nn.Module, stock: type) -> None:
+  """Names an unnamed submodule as Flax names ``stock`` (``Dense_0``, ``Conv_1``, ...).
+
+  Swapping ``nn.Dense`` for ``QatDense`` then keeps every parameter path, so
+  float checkpoints load into the quantized model unchanged.
+  """
+  parent = module.parent
+  if parent is _linen_module._unspecified_parent:
+    # Inside a compact method the parent is the module being called; Flax
+    # resolves it from this stack right after, in Module.__post_init__.
+    stack = _linen_module._context.module_stack
+    parent = stack[-1] if stack else None
+  if module.name is not None or not isinstance(parent, nn.Module) or parent._state.in_setup:
+    return
+  prefix = stock.__name__
+  cursor = parent._state.autoname_cursor.get(prefix, 0)
+  object.__setattr__(module, "name", f"{prefix}_{cursor}")
+  parent._state.autoname_cursor[prefix] = cursor + 1
+
+
+class _QuantOperands:
+  """Operand quantization shared by ``QatDotGeneral`` and ``QatConvGeneralDilated``."""
+
+  def _observe(self, x, config: QatConfig):
+    x = lax.stop_gradient(x)
+    calib = self.variable(
+      CALIB,
+      "lhs",
+      lambda: {
+        "stats": calibration.init_stats((), config, CalibMethod.ENTROPY),
+        "config": _encode_config(config),
+      },
+    )
+    if not self.is_initializing():
+      calib.value = {**calib.value, "stats": calibration.update_stats(calib.value["stats"], x)}
+
+  def _lhs_qparams(self, x, config: QatConfig) -> QParams:
+    if common.uses_lsq(config):
+      init = qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
+      scale = self.param("lhs_scale", lambda _: init.scale)
+      zp = self.param("lhs_zero_point", lambda _: init.zero_point) if not config.symmetric else init.zero_point
+      return QParams(scale, zp)
+    if config.per_channel:
+      return qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
+    stats = self.variable(STATS, "lhs", common.init_activation_stats, config, self.momentum)
+    update = self.is_mutable_collection(STATS) and not self.is_initializing()
+    qp, new = common.activation_qparams(x, stats.value, config, update=update)
+    if update:
+      stats.value = new
+    return qp
+
+  def _rhs_qparams(self, w, config: QatConfig) -> QParams:
+    init = qparams_lib.qparams_from_array(lax.stop_gradient(w), config)
+    if common.uses_lsq(config):
+      scale = self.param("rhs_scale", lambda _: init.scale)
+      zp = self.param("rhs_zero_point", lambda _: init.zero_point) if not config.symmetric else init.zero_point
+      return QParams(scale, zp)
+    return init
+
+
+class QatDotGeneral(_QuantOperands, nn.Module):
+  """A quantization-aware ``lax.dot_general`` for any Flax layer's ``dot_general_cls``.
+
+  Fake-quantizes the activation (lhs) and the kernel (rhs) with straight-through
+  gradients and computes the dot. Per-channel kernel scales sit on the kernel's
+  output axes, per-group scales split the contraction axis (both derived from
+  the dimension numbers). The activation's range comes from calibration when
+  frozen, else from a moving average kept in ``quant_stats``, else (before any
+  statistics exist) from the batch itself.
+
+  Attributes:
+    lhs_config: activation config (default int8, asymmetric, per-tensor);
+      ``None`` leaves it in float. A per-channel activation config means
+      dynamic per-token ranges.
+    rhs_config: kernel config (default int8, symmetric, per-channel); ``None``
+      leaves it in float.
+    mode: ``"qat"`` (default), or ``"float"`` to switch quantization off.
+    momentum: of the activation-range moving average.
+
+  Examples:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, jqat
+    >>> layer = nn.Dense(4, dot_general_cls=jqat.linen.QatDotGeneral)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> sorted(variables)
+    ['params', 'quant_stats']
+    >>> y, updates = layer.apply(variables, jnp.ones((2, 3)), mutable=["quant_stats"])
+    >>> y.shape
+    (2, 4)
+  """
+
+  lhs_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  rhs_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  mode: str = "qat"
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    where = _where(self)
+    common.check_mode(self.mode, where)
+    lhs = jnp.asarray(lhs)
+    # A QatDense serving from converted variables has no float kernel: it
+    # passes the kernel's shape alone.
+    rhs_shape = rhs.shape if isinstance(rhs, jax.ShapeDtypeStruct) else jnp.shape(rhs)
+    err = common.dot_shape_error(where, lhs.shape, rhs_shape, dimension_numbers)
+    if err is not None:
+      raise err
+    (lc, rc), (lb, rb) = dimension_numbers
+    lhs_cfg = common.operand_config(self.lhs_config, lhs.ndim, lc, lb)
+    rhs_cfg = common.operand_config(self.rhs_config, len(rhs_shape), rc, rb)
+
+    converting = self.is_mutable_collection(SERVE) and not self.is_initializing()
+    if self.has_variable(SERVE, "rhs") and not converting and rhs_cfg is not None:
+      return self._serve(lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type)
+    if isinstance(rhs, jax.ShapeDtypeStruct):
+      raise ValueError(f"{where}: no kernel and no serving variables; convert the model with jqat.linen.convert.")
+    rhs = jnp.asarray(rhs)
+
+    float_dot = functools.partial(
+      lax.dot_general,
+      dimension_numbers=dimension_numbers,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+    if self.mode == "float" or (lhs_cfg is None and rhs_cfg is None):
+      return float_dot(lhs, rhs)
+
+    if self.is_mutable_collection(CALIB) and not self.is_initializing() and lhs_cfg is not None:
+      self._observe(lhs, lhs_cfg)
+      return float_dot(lhs, rhs)
+
+    lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
+    rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None else None
+    if converting and rhs_cfg is not None:
+      self._write_serving(rhs, rhs_qp, rc, lhs_cfg, rhs_cfg, where)
+    if common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg):
+      lq = fake_quant(lhs, lhs_qp, lhs_cfg) if lhs_cfg is not None else lhs
+      rq = fake_quant(rhs, rhs_qp, rhs_cfg) if rhs_cfg is not None else rhs
+      return float_dot(lq, rq)
+    return common.quantized_dot_general(
+      lhs,
+      rhs,
+      dimension_numbers,
+      lhs_qp,
+      rhs_qp,
+      lhs_cfg,
+      rhs_cfg,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+
+  def _write_serving(self, rhs, rhs_qp, contracting, lhs_cfg, rhs_cfg, where):
+    wq = quantize(rhs, rhs_qp, rhs_cfg)
+    self.put_variable(SERVE, "rhs", common.serving_weight(wq, contracting, lhs_cfg))
+    if lhs_cfg is None or lhs_cfg.per_channel or lhs_cfg.group_size is not None:
+      return  # weight-only, or activations quantized per token at serving time
+    if common.uses_lsq(lhs_cfg):
+      scale, zp = self.get_variable("params", "lhs_scale"), self.get_variable("params", "lhs_zero_point", None)
+      qp = QParams(scale, zp if zp is not None else jnp.zeros_like(scale))
+    else:
+      qp = common.serving_activation_qparams(self.get_variable(STATS, "lhs"), lhs_cfg, where)
+    self.put_variable(SERVE, "lhs", {"scale": qp.scale, "zero_point": qp.zero_point})
+
+  def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type):
+    entry = self.get_variable(SERVE, "rhs")
+    wq = common.weight_from_serving(entry, rhs_cfg, rhs_shape)
+    lhs_qp = None
+    if self.has_variable(SERVE, "lhs"):
+      lhs_qp = QParams(**self.get_variable(SERVE, "lhs"))
+    return common.serve_dot_general(
+      lhs,
+      wq,
+      dimension_numbers,
+      lhs_qp,
+      lhs_cfg,
+      rhs_sums=entry.get("sums"),
+      preferred_element_type=preferred_element_type,
+    )
+
+
+class QatDense(nn.Dense):
+  """``flax.linen.Dense`` with quantization-aware training: swap the class, keep everything else.
+
+  Same fields, parameter names and shapes as ``nn.Dense``, plus
+  ``weight_config`` (default int8, symmetric, per-channel) and
+  ``activation_config`` (default int8, asymmetric, per-tensor). By default it
+  fake-quantizes its kernel and its input with straight-through gradients.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jqat
+    >>> x = jnp.ones((2, 3))
+    >>> float_vars = nn.Dense(4).init(jax.random.key(0), x)
+    >>> qat_vars = jqat.linen.QatDense(4).init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, float_vars["params"]) == jax.tree.map(jnp.shape, qat_vars["params"])
+    True
+  """
+
+  weight_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  activation_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  mode: str = "qat"
+  momentum: float = 0.9
+
+  def __post_init__(self):
+    _autoname_as(self, nn.Dense)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs):
+    where = _where(self)
+    if self.dot_general is not None or self.dot_general_cls is not None:
+      raise ValueError(f"{where}: QatDense quantizes through QatDotGeneral; pass dot_general_cls to nn.Dense instead.")
+    inputs = jnp.asarray(inputs)
+    if inputs.ndim < 1:
+      raise ValueError(f"{where}: the input needs at least one axis, got shape {inputs.shape}.")
+    dims = (((inputs.ndim - 1,), (0,)), ((), ()))
+    quant = QatDotGeneral(
+      lhs_config=self.activation_config,
+      rhs_config=self.weight_config,
+      mode=self.mode,
+      momentum=self.momentum,
+      name="quant",
+    )
+    if not self.is_initializing() and not self.has_variable("params", "kernel"):
+      # Serving: the kernel lives, quantized, in the "serving" collection.
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+      inputs, bias = self.promote_dtype(inputs, bias, dtype=self.dtype)
+      kernel = jax.ShapeDtypeStruct((inputs.shape[-1], self.features), inputs.dtype)
+      y = quant(inputs, kernel, dims, precision=self.precision)
+      return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)) if bias is not None else y
+    if self.is_mutable_collection(SERVE) and self.weight_config is not None:
+      # Tells convert() that this layer's float kernel is not needed to serve.
+      self.put_variable(SERVE, OWNS_KERNEL, jnp.ones((), bool))
+    if self.has_variable("params", "kernel"):
+      kshape = jnp.shape(meta.unbox(self.get_variable("params", "kernel")))
+      if kshape[0] != inputs.shape[-1]:
+        raise ValueError(
+          f"{where}: input shape {inputs.shape} has {inputs.shape[-1]} features on its last axis, "
+          f"but the kernel has shape {kshape} (expects {kshape[0]})."
+        )
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = quant(inputs, kernel, dims, precision=self.precision)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class QatConvGeneralDilated(_QuantOperands, nn.Module):
+  """A quantization-aware ``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated_cls=...)``.
+
+  The same statistics and estimators as ``QatDotGeneral``; kernel scales are
+  per output feature.
+  """
+
+  lhs_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  rhs_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  mode: str = "qat"
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
+    common.check_mode(self.mode, _where(self))
+    conv = functools.partial(
+      lax.conv_general_dilated,
+      window_strides=window_strides,
+      padding=padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      **kwargs,
+    )
+    if self.mode == "float" or (self.lhs_config is None and self.rhs_config is None):
+      return conv(lhs, rhs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    out_axis = dn.rhs_spec[0]
+    rhs_cfg = self.rhs_config
+    if rhs_cfg is not None:
+      changes = {}
+      if rhs_cfg.per_channel:
+        changes["channel_axis"] = out_axis
+      if rhs_cfg.group_size is not None:
+        changes["group_axis"] = dn.rhs_spec[1]
+      rhs_cfg = rhs_cfg.replace(**changes) if changes else rhs_cfg
+    lhs_cfg = self.lhs_config
+    if lhs_cfg is not None and (lhs_cfg.per_channel or lhs_cfg.group_size is not None):
+      raise ValueError(f"{_where(self)}: conv activations are quantized per tensor; got {lhs_cfg}.")
+
+    if self.is_mutable_collection(CALIB) and not self.is_initializing() and lhs_cfg is not None:
+      self._observe(lhs, lhs_cfg)
+      return conv(lhs, rhs)
+    lhs_q = lhs
+    if lhs_cfg is not None:
+      lhs_q = fake_quant(lhs, self._lhs_qparams(lhs, lhs_cfg), lhs_cfg)
+    rhs_q = rhs
+    if rhs_cfg is not None:
+      rhs_q = fake_quant(rhs, self._rhs_qparams(rhs, rhs_cfg), rhs_cfg)
+    return conv(lhs_q, rhs_q)
+
+
+class QatConv(nn.Conv):
+  """``flax.linen.Conv`` with quantization-aware training; same fields and parameters.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jqat
+    >>> layer = jqat.linen.QatConv(8, (3, 3))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+    >>> variables["params"]["kernel"].shape
+    (3, 3, 3, 8)
+  """
+
+  weight_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  activation_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  mode: str = "qat"
+  momentum: float = 0.9
+
+  def __post_init__(self):
+    if self.conv_general_dilated_cls is None and self.conv_general_dilated is None:
+      object.__setattr__(
+        self,
+        "conv_general_dilated_cls",
+        functools.partial(
+          QatConvGeneralDilated,
+          lhs_config=self.activation_config,
+          rhs_config=self.weight_config,
+          mode=self.mode,
+          momentum=self.momentum,
+        ),
+      )
+    _autoname_as(self, nn.Conv)
+    super().__post_init__()
+
+
+# --- whole-model calibration ----------------------------------------------------
+
+
+def _is_calib_entry(node) -> bool:
+  return isinstance(node, Mapping) and "stats" in node and "config" in node
+
+
+def freeze(
+  variables: Mapping,
+  method: CalibMethod | str = CalibMethod.PERCENTILE,
+  *,
+  percentile: float = 99.99,
+) -> dict:
+  """Turns the ``quant_calib`` statistics of ``variables`` into frozen activation ranges.
+
+  Pure: returns new variables whose ``quant_stats`` hold the frozen QParams of
+  every observed activation, without the ``quant_calib`` collection.
+
+  Args:
+    variables: a model's variables including a ``quant_calib`` collection
+      (from applying it with ``mutable=["quant_calib"]``).
+    method: a ``CalibMethod``: MINMAX, PERCENTILE, ENTROPY (KL) or MSE.
+    percentile: for PERCENTILE.
+
+  Returns:
+    The variables with frozen ranges.
+
+  Raises:
+    ValueError: without a ``quant_calib`` collection.
+  """
+  method = CalibMethod(method)
+  variables = dict(variables)
+  calib = variables.pop(CALIB, None)
+  if not calib:
+    raise ValueError(
+      "freeze needs variables with a 'quant_calib' collection; run jqat.linen.calibrate() or apply the "
+      "model with mutable=['quant_calib'] first."
+    )
+  flat_stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})))
+  flat_calib = traverse_util.flatten_dict(calib, is_leaf=lambda _, v: _is_calib_entry(v))
+  for path, entry in flat_calib.items():
+    config = _decode_config(entry["config"])
+    qp = calibration.finalize_stats(entry["stats"], config, method, percentile=percentile)
+    old = flat_stats.get(path)
+    if old is None:
+      old = common.init_activation_stats(config, 0.9)
+    flat_stats[path] = common.freeze_activation_stats(old, qp)
+  variables[STATS] = traverse_util.unflatten_dict(flat_stats)
+  return variables
+
+
+def calibrate(
+  model: nn.Module,
+  variables: Mapping,
+  batches: Iterable,
+  method: CalibMethod | str = CalibMethod.PERCENTILE,
+  *,
+  percentile: float = 99.99,
+  **apply_kwargs,
+) -> dict:
+  """Runs calibration batches through any linen model and freezes its activation ranges.
+
+  Each batch goes through ``model.apply(variables, batch, mutable=["quant_calib"])``
+  under ``jax.jit`` (quantized layers compute in float and observe their
+  inputs); then ``freeze`` finalizes the statistics with ``method``.
+
+  Args:
+    model: a linen module using jqat layers.
+    variables: its variables (``params`` and optionally ``quant_stats``).
+    batches: an iterable of model inputs (a tuple is passed as positional arguments).
+    method: a ``CalibMethod``.
+    percentile: for PERCENTILE.
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+
+  Returns:
+    New variables with frozen activation ranges in ``quant_stats``.
+  """
+  variables = {k: v for k, v in variables.items() if k != CALIB}
+
+  @jax.jit
+  def step(calib, batch):
+    args = batch if isinstance(batch, tuple) else (batch,)
+    v = dict(variables)
+    if calib is not None:
+      v[CALIB] = calib
+    _, updates = model.apply(v, *args, mutable=[CALIB], **apply_kwargs)
+    return updates[CALIB]
+
+  calib = None
+  for batch in batches:
+    calib = step(calib, batch)
+  if calib is None:
+    raise ValueError("calibrate got no batches.")
+  return freeze({**variables, CALIB: calib}, method, percentile=percentile)
+
+
+# --- conversion to serving variables ----------------------------------------------
+
+
+def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict:
+  """Converts QAT variables to serving variables: integer kernels and frozen activation ranges.
+
+  Runs ``model`` once on ``args`` with the ``serving`` collection mutable:
+  every quantized dot stores its kernel as a quantized tensor (int8, packed
+  int4 or fp8 values, scale, zero point, and the column sums an asymmetric
+  activation needs) and its activation's frozen (or moving-average) range.
+  The float kernels of ``QatDense`` layers are dropped from ``params``; a
+  stock Flax layer with ``QatDotGeneral`` injected keeps its float kernel
+  (it creates the parameter itself) but serves from the quantized copy.
+
+  Applying the same model to the returned variables serves with the integer
+  path: activations quantized with the frozen range, ``int8 x int8`` dots with
+  int32 accumulation, one rescale. Per-channel activation configs quantize per
+  token at serving time; an activation config of None serves weight-only.
+
+  Args:
+    model: a linen model using jqat layers.
+    variables: its QAT variables (``params``, ``quant_stats``).
+    *args: a sample input (its values only pass through the model once).
+    **apply_kwargs: passed to ``model.apply``.
+
+  Returns:
+    Serving variables: ``params`` without the converted float kernels,
+    ``serving``, and the other collections of ``variables`` except
+    ``quant_calib``.
+
+  Raises:
+    ValueError: when an activation has neither a frozen range nor statistics.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jqat
+    >>> layer = jqat.linen.QatDense(3)
+    >>> x = jnp.array([[0.5, -1.0]])
+    >>> v = layer.init(jax.random.key(0), x)
+    >>> _, stats = layer.apply(v, x, mutable=["quant_stats"])
+    >>> served = jqat.linen.convert(layer, {**v, **stats}, x)
+    >>> sorted(served["params"]), served["serving"]["quant"]["rhs"]["values"].dtype
+    (['bias'], dtype('int8'))
+    >>> bool(jnp.allclose(layer.apply(served, x), layer.apply({**v, **stats}, x), atol=1e-6))
+    True
+  """
+  variables = {k: v for k, v in variables.items() if k not in (SERVE, CALIB)}
+  _, updates = model.apply(variables, *args, mutable=[SERVE], **apply_kwargs)
+  flat_serving = traverse_util.flatten_dict(dict(updates.get(SERVE, {})))
+  if not flat_serving:
+    raise ValueError("convert found no quantized layer with a quantized kernel in the model.")
+  flat_params = traverse_util.flatten_dict(dict(variables["params"]))
+  for path in [p for p in flat_serving if p[-1] == OWNS_KERNEL]:
+    del flat_serving[path]
+    flat_params.pop(path[:-1] + ("kernel",), None)
+  out = dict(variables)
+  out["params"] = traverse_util.unflatten_dict(flat_params)
+  out[SERVE] = traverse_util.unflatten_dict(flat_serving)
+  return out

@@ -1,0 +1,253 @@
+"""``qat_dot_general``: a quantization-aware dot whose forward is the integer serving kernel.
+
+The forward quantizes both operands and multiplies the integers with int32
+accumulation (``int_ops``), so training sees the numbers serving will produce;
+they equal ``lax.dot_general(fake_quant(lhs), fake_quant(rhs))`` to within the
+float rounding of the rescale. The backward is the clipped straight-through
+estimator of the fake-quant float dot.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
+
+from jqat._src import formats, int_ops
+from jqat._src import qparams as qparams_lib
+from jqat._src.config import QatConfig
+from jqat._src.fake_quant import _effective_zero_point, quantize_grid
+from jqat._src.qparams import QParams
+
+
+class _Static(NamedTuple):
+  """Everything static about one call: hashable, passed through ``nondiff_argnums``."""
+
+  dims: int_ops.DimensionNumbers
+  lhs_config: QatConfig | None
+  rhs_config: QatConfig | None
+  precision: object
+  out_dtype: jnp.dtype
+  integer: bool  # forward runs the integer kernel
+
+
+def _storage_dtype(config: QatConfig):
+  return config.bits.float_dtype if config.bits.is_float else jnp.int8
+
+
+def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
+  """Grid values (in their storage dtype), the in-range mask, and the parameters used."""
+  cd = formats.compute_dtype(x.dtype)
+  s = qparams_lib.params_to_groups(jnp.asarray(scale), x.ndim, config).astype(cd)
+  z = _effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), x.ndim, config), config, cd)
+  xs = qparams_lib.to_groups(x, config).astype(cd) / s
+  q = quantize_grid(xs, z, config)
+  u = xs + z
+  # The same mask as fake_quant's clipped STE: inside the range before rounding.
+  inside = (u >= config.qmin) & (u <= config.qmax)
+  q = qparams_lib.from_groups(q.astype(_storage_dtype(config)), x.shape, config)
+  return q, qparams_lib.from_groups(inside, x.shape, config)
+
+
+def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:
+  """``fake_quant``'s output from its grid values: the same arithmetic, bit for bit."""
+  cd = formats.compute_dtype(dtype)
+  s = qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config).astype(cd)
+  z = _effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), q.ndim, config), config, cd)
+  qg = qparams_lib.to_groups(q, config).astype(cd)
+  return qparams_lib.from_groups(((qg - z) * s).astype(dtype), q.shape, config)
+
+
+def _float_dot(static: _Static, a, b):
+  return lax.dot_general(a, b, static.dims, precision=static.precision, preferred_element_type=static.out_dtype).astype(
+    static.out_dtype
+  )
+
+
+def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz):
+  lhs = int_ops._Operand(ql, ls, lz, static.lhs_config)
+  rhs = int_ops._Operand(qr, rs, rz, static.rhs_config)
+  acc, scale, plan = int_ops._dot(lhs, rhs, static.dims)
+  return int_ops._rescale(acc, scale, plan.grouped).astype(static.out_dtype)
+
+
+def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
+  """Output and residuals: the grid values (int8 / fp8) or raw operand, and the masks."""
+  lcfg, rcfg = static.lhs_config, static.rhs_config
+  if lcfg is not None:
+    ql, ml = _quantize(lhs, ls, lz, lcfg)
+  else:
+    ql, ml = lhs, None
+  if rcfg is not None:
+    qr, mr = _quantize(rhs, rs, rz, rcfg)
+  else:
+    qr, mr = rhs, None
+  if static.integer:
+    y = _integer_forward(static, ql, ls, lz, qr, rs, rz)
+  else:
+    a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lhs.dtype)
+    b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rhs.dtype)
+    y = _float_dot(static, a, b)
+  # Low-precision values and byte masks instead of float copies: the backward
+  # rebuilds fake_quant(x) from them with one elementwise op.
+  return y, (ql, ml, ls, lz, qr, mr, rs, rz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qat_dot(static: _Static, lhs, rhs, ls, lz, rs, rz):
+  return _forward(static, lhs, rhs, ls, lz, rs, rz)[0]
+
+
+def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz):
+  y, res = _forward(static, lhs, rhs, ls, lz, rs, rz)
+  return y, (res, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+
+
+def _qat_dot_bwd(static: _Static, res, g):
+  (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto = res
+  lcfg, rcfg = static.lhs_config, static.rhs_config
+  a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lproto.dtype)
+  b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rproto.dtype)
+  # Clipped straight-through estimator (Bengio et al. 2013): the float dot's
+  # gradient at the fake-quantized operands, zeroed where an operand was clipped.
+  (da,) = jax.linear_transpose(lambda t: _float_dot(static, t, b), a)(g)
+  (db,) = jax.linear_transpose(lambda t: _float_dot(static, a, t), b)(g)
+  if ml is not None:
+    da = jnp.where(ml, da, jnp.zeros_like(da))
+  if mr is not None:
+    db = jnp.where(mr, db, jnp.zeros_like(db))
+  return da, db, jnp.zeros_like(ls), jnp.zeros_like(lz), jnp.zeros_like(rs), jnp.zeros_like(rz)
+
+
+_qat_dot.defvjp(_qat_dot_fwd, _qat_dot_bwd)
+
+
+def _integer_path_applies(lhs, rhs, dims, lcfg: QatConfig | None, rcfg: QatConfig | None, ls, lz, rs, rz) -> bool:
+  """Whether the integer kernel can run: integer formats, scales constant along the contraction."""
+  if lcfg is None or rcfg is None or lcfg.bits.is_float or rcfg.bits.is_float:
+    return False
+  if lcfg.group_size is not None or rcfg.group_size is not None:
+    # Per-group scales split the contraction into many small dots; the
+    # single float dot of the fake-quantized operands is faster for training.
+    return False
+  (lc, rc), _ = dims
+  for x, s, z, contract in ((lhs, ls, lz, lc), (rhs, rs, rz, rc)):
+    shape = jnp.broadcast_shapes(jnp.shape(s), jnp.shape(z))
+    if len(shape) > x.ndim:
+      return False
+    shape = (1,) * (x.ndim - len(shape)) + tuple(shape)
+    if any(shape[a] != 1 for a in contract):
+      return False
+  k = 1
+  for a in lc:
+    k *= lhs.shape[a]
+  # Training keeps one int32 sum; a contraction long enough to need pieces
+  # is left to the float dot.
+  return int_ops.accumulator_bound(lcfg, rcfg, k) <= int_ops.INT32_MAX
+
+
+def qat_dot_general(
+  lhs: ArrayLike,
+  rhs: ArrayLike,
+  dimension_numbers,
+  lhs_qparams: QParams | None = None,
+  rhs_qparams: QParams | None = None,
+  *,
+  lhs_config: QatConfig | None = None,
+  rhs_config: QatConfig | None = None,
+  precision=None,
+  preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
+  """``lax.dot_general`` with quantized operands, for quantization-aware training.
+
+  Forward: both operands are quantized with their ``QParams`` (one fused
+  elementwise op each) and multiplied as integers,
+  ``y = s_l s_r Σ (q_l - z_l)(q_r - z_r)`` with int32 accumulation, as
+  ``int_dot_general`` serves them. The result equals
+  ``lax.dot_general(fake_quant(lhs), fake_quant(rhs))`` to within float
+  rounding (``(K + 3) · 2^-24 · Σ_k |x̂_k ŵ_k|`` in float32, see
+  ``int_dot_general``). Scales may be per-tensor, per-token (on lhs free axes)
+  or per-channel (on rhs free axes). Where the integer kernel does not apply
+  (fp8, per-group scales, scales along a contracting axis, a contraction too
+  long for one int32 sum, or only one operand quantized) the forward is the
+  float dot of the fake-quantized operands (a quantized fp8 operand is its fp8
+  value times its scale; an unquantized one enters as it is, so a weight-only
+  layer is a float dot with the dequantized weight).
+
+  Backward, in every case the clipped straight-through estimator (Bengio et
+  al. 2013) of that float dot:
+
+  * ``d_lhs = (g contracted with fake_quant(rhs)) · [lhs in range]``;
+  * ``d_rhs = (fake_quant(lhs) contracted with g) · [rhs in range]``;
+  * the quantization parameters get zero gradient.
+
+  Only the int8 (or fp8) values and the in-range masks are kept for the
+  backward, not float copies of the operands.
+
+  Args:
+    lhs: left operand, float.
+    rhs: right operand, float.
+    dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+    lhs_qparams: ``QParams`` in the parameter layout of ``lhs``; ignored when
+      ``lhs_config`` is None.
+    rhs_qparams: the same for ``rhs``.
+    lhs_config: how ``lhs`` is quantized; None leaves it in float.
+    rhs_config: how ``rhs`` is quantized; None leaves it in float.
+    precision: passed to the float dots.
+    preferred_element_type: dtype of the result; default that of
+      ``lax.dot_general(lhs, rhs)``.
+
+  Returns:
+    The product, shaped as ``lax.dot_general``'s.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jqat
+    >>> x = jnp.array([[0.5, -1.0, 2.0]])
+    >>> w = jnp.array([[1.0, 0.0], [0.5, 1.0], [0.25, -1.0]])
+    >>> xcfg, wcfg = jqat.QatConfig(symmetric=False), jqat.QatConfig(per_channel=True)
+    >>> xqp, wqp = jqat.qparams_from_array(x, xcfg), jqat.qparams_from_array(w, wcfg)
+    >>> dims = (((1,), (0,)), ((), ()))
+    >>> y = jqat.qat_dot_general(x, w, dims, xqp, wqp, lhs_config=xcfg, rhs_config=wcfg)
+    >>> y.round(1).tolist()
+    [[0.5, -3.0]]
+    >>> loss = lambda w: jqat.qat_dot_general(x, w, dims, xqp, wqp, lhs_config=xcfg, rhs_config=wcfg).sum()
+    >>> jax.grad(loss)(w).round(1).tolist()
+    [[0.5, 0.5], [-1.0, -1.0], [2.0, 2.0]]
+
+  References:
+    Bengio, Léonard and Courville, "Estimating or propagating gradients through
+    stochastic neurons for conditional computation", 2013.
+    Jacob et al., "Quantization and Training of Neural Networks for Efficient
+    Integer-Arithmetic-Only Inference", CVPR 2018.
+  """
+  lhs = jnp.asarray(lhs)
+  rhs = jnp.asarray(rhs)
+  out_dtype = jnp.dtype(
+    preferred_element_type if preferred_element_type is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  )
+  if lhs_config is None and rhs_config is None:
+    return lax.dot_general(
+      lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+    )
+  for name, x in (("lhs", lhs), ("rhs", rhs)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"qat_dot_general needs float operands, got {name} of dtype {x.dtype}")
+  dims = int_ops._normalize_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  ls, lz = _params_or_placeholder(lhs_qparams, lhs_config, "lhs")
+  rs, rz = _params_or_placeholder(rhs_qparams, rhs_config, "rhs")
+  integer = _integer_path_applies(lhs, rhs, dims, lhs_config, rhs_config, ls, lz, rs, rz)
+  static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer)
+  return _qat_dot(static, lhs, rhs, ls, lz, rs, rz)
+
+
+def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: str):
+  if config is None:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, zero
+  if qp is None:
+    raise ValueError(f"{name}_config is set but {name}_qparams is None")
+  return jnp.asarray(qp.scale), jnp.asarray(qp.zero_point)

@@ -1,0 +1,18 @@
+"""jqat for Flax linen: quantization-aware layers and whole-model calibration."""
+
+from jqat._src.flax.linen import QatConv as QatConv
+from jqat._src.flax.linen import QatConvGeneralDilated as QatConvGeneralDilated
+from jqat._src.flax.linen import QatDense as QatDense
+from jqat._src.flax.linen import QatDotGeneral as QatDotGeneral
+from jqat._src.flax.linen import calibrate as calibrate
+from jqat._src.flax.linen import convert as convert
+from jqat._src.flax.linen import freeze as freeze
+
+__all__ = (
+  "QatConv",
+  "QatConvGeneralDilated",
+  "QatDense",
+  "QatDotGeneral",
+  "calibrate",
+  "freeze",
+)

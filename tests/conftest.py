@@ -1,0 +1,143 @@
+"""Shared test settings and an independent NumPy reference of the quantization numerics.
+
+The reference is written from the formulas (DESIGN.md "Numerics, exactly"), in float32 NumPy so that it can be
+compared bit for bit with the float32 JAX arithmetic; it maps each element to its scale with explicit index
+arithmetic instead of the reshapes the library uses.
+"""
+
+import types
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Each example runs a few small XLA computations: no deadline (the first example compiles), and few examples
+# so the whole suite stays fast on two cores.
+settings.register_profile(
+  "jqat", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.load_profile("jqat")
+
+_FP8 = {"fp8_e4m3": (ml_dtypes.float8_e4m3fn, 448.0), "fp8_e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
+
+
+def ref_qrange(bits: str, narrow_range: bool = False):
+  """(qmin, qmax): signed b-bit integers, or ±max of an fp8 format."""
+  if bits in _FP8:
+    m = _FP8[bits][1]
+    return -m, m
+  b = int(bits[3:])
+  qmax = 2 ** (b - 1) - 1
+  return (-qmax if narrow_range else -(2 ** (b - 1))), qmax
+
+
+def ref_param_index(shape, *, per_channel=False, channel_axis=-1, group_size=None, group_axis=0):
+  """(params shape, per-element index into the params) for a tensor of ``shape``."""
+  ndim = len(shape)
+  chan = set()
+  if per_channel:
+    axes = channel_axis if isinstance(channel_axis, tuple) else (channel_axis,)
+    chan = {a % ndim for a in axes}
+  g = None if group_size is None else group_axis % ndim
+  pshape = []
+  for a in range(ndim):
+    if a == g:
+      pshape.append(shape[a] // group_size)
+    elif a in chan:
+      pshape.append(shape[a])
+    else:
+      pshape.append(1)
+  grids = np.indices(shape)
+  index = []
+  for a in range(ndim):
+    if a == g:
+      index.append(grids[a] // group_size)
+    elif a in chan:
+      index.append(grids[a])
+    else:
+      index.append(np.zeros(shape, np.intp))
+  return tuple(pshape), tuple(index)
+
+
+def ref_array_range(x, **granularity):
+  """(min, max) of ``x`` per scale, accumulated element by element."""
+  x = np.asarray(x, np.float32)
+  pshape, index = ref_param_index(x.shape, **granularity)
+  lo = np.full(pshape, np.inf, np.float32)
+  hi = np.full(pshape, -np.inf, np.float32)
+  np.minimum.at(lo, index, x)
+  np.maximum.at(hi, index, x)
+  return lo, hi
+
+
+def ref_qparams(lo, hi, bits: str, symmetric: bool, narrow_range: bool = False):
+  """Scale and zero point of DESIGN.md, in float32."""
+  f = np.float32
+  lo = np.minimum(np.asarray(lo, f), f(0))
+  hi = np.maximum(np.asarray(hi, f), f(0))
+  qmin, qmax = ref_qrange(bits, narrow_range)
+  eps = np.finfo(np.float32).eps
+  if symmetric:
+    scale = np.maximum(np.maximum(-lo, hi) / f(qmax), eps).astype(f)
+    zp = np.zeros_like(scale)
+  else:
+    scale = np.maximum((hi - lo) / f(qmax - qmin), eps).astype(f)
+    zp = np.clip(f(qmin) - np.round(lo / scale), qmin, qmax).astype(f)
+  return scale, zp
+
+
+def ref_grid(xs, zp, bits: str, narrow_range: bool = False):
+  """Quantized values (as floats) of ``xs = x / scale``."""
+  qmin, qmax = ref_qrange(bits, narrow_range)
+  if bits in _FP8:
+    dt, m = _FP8[bits]
+    return np.clip(xs, -m, m).astype(dt).astype(xs.dtype)
+  return np.clip(np.round(xs) + zp, qmin, qmax).astype(xs.dtype)
+
+
+def ref_fake_quant(x, scale, zp, bits: str, narrow_range: bool = False, **granularity):
+  """(q - zp) * s with q on the grid; ``scale`` and ``zp`` in the parameter layout of ``granularity``."""
+  x = np.asarray(x)
+  cd = np.float64 if x.dtype == np.float64 else np.float32
+  _, index = ref_param_index(x.shape, **granularity)
+  s = np.asarray(scale, cd)[index]
+  z = np.asarray(zp, cd)[index]
+  xs = x.astype(cd) * (cd(1) / s)  # x / s, as the library evaluates it (see to_grid_units)
+  q = ref_grid(xs, z, bits, narrow_range)
+  return ((q - z) * s).astype(x.dtype)
+
+
+def ref_int_values(x, scale, zp, bits: str, narrow_range: bool = False, **granularity):
+  """The quantized values themselves (integers, or fp8 values as float32)."""
+  x = np.asarray(x, np.float32)
+  _, index = ref_param_index(x.shape, **granularity)
+  s = np.asarray(scale, np.float32)[index]
+  z = np.asarray(zp, np.float32)[index]
+  return ref_grid(x * (np.float32(1) / s), z, bits, narrow_range)
+
+
+def ref_near_ties(scale, k_range=(-140, 140), ulps=3):
+  """Inputs whose x / scale lies within a few ulps of k + 1/2: where x / s and x * (1/s) can round differently."""
+  f = np.float32
+  base = (np.arange(*k_range).astype(f) + f(0.5)) * f(scale)
+  out, up, down = [base], base, base
+  for _ in range(ulps):
+    up, down = np.nextafter(up, f(np.inf)), np.nextafter(down, f(-np.inf))
+    out += [up, down]
+  return np.concatenate(out)
+
+
+@pytest.fixture(scope="session")
+def ref():
+  """The NumPy reference, as a namespace."""
+  return types.SimpleNamespace(
+    qrange=ref_qrange,
+    param_index=ref_param_index,
+    array_range=ref_array_range,
+    qparams=ref_qparams,
+    grid=ref_grid,
+    fake_quant=ref_fake_quant,
+    int_values=ref_int_values,
+    near_ties=ref_near_ties,
+  )
