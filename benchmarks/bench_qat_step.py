@@ -1,13 +1,20 @@
-"""QAT train step vs float train step: a plain-JAX MLP 784-1024-1024-10 at batch 256.
+"""QAT train step vs float train step with jqat's Flax layers, in one run.
 
-Run: ``python benchmarks/bench_qat_step.py [--reps 15] [--batch 256]``.
+Run: ``python benchmarks/bench_qat_step.py [--reps 15] [--rounds 3]``.
 
-Both steps are jitted ``loss -> grad -> optax.adam update``. The float step uses
-``lax.dot_general``; the QAT step uses ``jqat.qat_dot_general`` with weights
-int8 symmetric per channel (qparams from the weight) and activations int8
-asymmetric per tensor (qparams from the batch), so its forward runs int8 dots
-with int32 accumulation and its backward the clipped straight-through float
-dots. Prints the median step times and their ratio.
+Models (Flax linen, each jitted as ``loss -> grad -> optax.adam update``):
+
+* ``mlp``: 784-1024-1024-10 with ReLU, batch 256. Float uses ``nn.Dense``;
+  QAT swaps in ``jqat.linen.QatDense`` (weights int8 symmetric per channel,
+  activations int8 asymmetric per tensor with moving-average ranges).
+* ``block``: a pre-LN transformer block, d=512, 8 heads, MLP 2048, sequence
+  128, batch 16. QAT injects ``jqat.linen.QatDotGeneral`` into the attention
+  projections and uses ``QatDense`` in the MLP.
+
+The QAT step runs the integer dot in its forward (int8 x int8 -> int32) and
+the straight-through float gradient in its backward. Each figure is the
+best of ``rounds`` medians of ``reps`` calls; the float and QAT steps
+alternate so load from other processes hits both alike.
 """
 
 from __future__ import annotations
@@ -15,92 +22,117 @@ from __future__ import annotations
 import argparse
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 import jqat
 
-MATMUL = (((1,), (0,)), ((), ()))
-SIZES = (784, 1024, 1024, 10)
-XCFG = jqat.QatConfig(symmetric=False)
-WCFG = jqat.QatConfig(per_channel=True)
+
+class Mlp(nn.Module):
+  quant: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    dense = jqat.linen.QatDense if self.quant else nn.Dense
+    x = nn.relu(dense(1024)(x))
+    x = nn.relu(dense(1024)(x))
+    return dense(10)(x)
 
 
-def init(key):
-  params = []
-  for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-    k = jax.random.fold_in(key, i)
-    params.append({"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros((b,))})
-  return params
+class Block(nn.Module):
+  quant: bool = False
+  heads: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    dense = jqat.linen.QatDense if self.quant else nn.Dense
+    dg = jqat.linen.QatDotGeneral if self.quant else None
+    d = x.shape[-1]
+    h = nn.LayerNorm()(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_dot_general_cls=dg, out_dot_general_cls=dg)(
+      h, mask=mask
+    )
+    h = nn.LayerNorm()(x)
+    return x + dense(d)(nn.gelu(dense(4 * d)(h)))
 
 
-def float_dot(x, w):
-  return lax.dot_general(x, w, MATMUL)
-
-
-def qat_dot(x, w):
-  xqp = jax.lax.stop_gradient(jqat.qparams_from_array(x, XCFG))
-  wqp = jax.lax.stop_gradient(jqat.qparams_from_array(w, WCFG))
-  return jqat.qat_dot_general(x, w, MATMUL, xqp, wqp, lhs_config=XCFG, rhs_config=WCFG)
-
-
-def make_step(dot, opt):
-  def loss_fn(params, x, y):
-    h = x
-    for i, p in enumerate(params):
-      h = dot(h, p["w"]) + p["b"]
-      if i < len(params) - 1:
-        h = jax.nn.relu(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
-
+def make_step(model, loss_fn, opt):
   @jax.jit
-  def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+  def step(params, stats, opt_state, x, y):
+    def objective(p):
+      out, upd = model.apply({"params": p, "quant_stats": stats}, x, mutable=["quant_stats"])
+      return loss_fn(out, y), upd.get("quant_stats", stats)
+
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), stats, opt_state, loss
 
   return step
 
 
-def median_ms(step, params, opt_state, x, y, reps: int) -> float:
+def median_ms(step, state, x, y, reps: int) -> float:
+  params, stats, opt_state = state
   for _ in range(3):
-    params, opt_state, loss = step(params, opt_state, x, y)
+    params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
   jax.block_until_ready(loss)
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, x, y)
+    params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
     jax.block_until_ready((params, loss))
     times.append(time.perf_counter() - t0)
   return float(np.median(times)) * 1e3
 
 
+def setup(name: str, quant: bool, opt):
+  key = jax.random.key(0)
+  if name == "mlp":
+    model = Mlp(quant=quant)
+    x = jax.random.normal(key, (256, 784))
+    y = jax.random.randint(jax.random.fold_in(key, 1), (256,), 0, 10)
+    loss_fn = lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+  else:
+    model = Block(quant=quant)
+    x = jax.random.normal(key, (16, 128, 512))
+    y = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    loss_fn = lambda out, y: jnp.mean((out - y) ** 2)
+  v = model.init(jax.random.key(1), x)
+  params, stats = v["params"], v.get("quant_stats", {})
+  return make_step(model, loss_fn, opt), (params, stats, opt.init(params)), x, y
+
+
+def run(reps: int = 15, rounds: int = 3) -> dict:
+  opt = optax.adam(1e-4)
+  results = {}
+  for name in ("mlp", "block"):
+    runs = {q: setup(name, q, opt) for q in (False, True)}
+    times = {False: [], True: []}
+    for _ in range(rounds):
+      for q, (step, state, x, y) in runs.items():
+        times[q].append(median_ms(step, state, x, y, reps))
+    best = {q: min(t) for q, t in times.items()}
+    results[name] = {"float_ms": best[False], "qat_ms": best[True], "ratio": best[True] / best[False]}
+  return results
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
-  parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--rounds", type=int, default=3, help="alternate the two steps this many times")
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  key = jax.random.PRNGKey(0)
-  x = jax.random.normal(jax.random.fold_in(key, 100), (args.batch, SIZES[0]))
-  y = jax.random.randint(jax.random.fold_in(key, 101), (args.batch,), 0, SIZES[-1])
-  opt = optax.adam(1e-3)
-  params = init(key)
-  opt_state = opt.init(params)
-  steps = {"float": make_step(float_dot, opt), "qat": make_step(qat_dot, opt)}
-  times = {name: [] for name in steps}
-  # Alternating rounds, so that load from other processes hits both alike.
-  for _ in range(args.rounds):
-    for name, step in steps.items():
-      times[name].append(median_ms(step, params, opt_state, x, y, args.reps))
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, MLP {SIZES}, batch {args.batch}")
-  best = {name: min(t) for name, t in times.items()}
-  for name, t in times.items():
-    print(f"  {name:<5} step: {best[name]:8.3f} ms (best of {args.rounds} medians; all {[round(v, 3) for v in t]})")
-  print(f"  qat / float = {best['qat'] / best['float']:.2f}x")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+  results = run(args.reps, args.rounds)
+  print("| model | float step (ms) | jqat int8 QAT step (ms) | QAT / float |")
+  print("|---|---:|---:|---:|")
+  for name, r in results.items():
+    label = {"mlp": "MLP 784-1024-1024-10, batch 256", "block": "transformer block d=512, 8 heads, seq 128, batch 16"}[
+      name
+    ]
+    print(f"| {label} | {r['float_ms']:.1f} | {r['qat_ms']:.1f} | {r['ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from jqat._src.qtensor import dequantize as dequantize
 from jqat._src.qtensor import pack_int4 as pack_int4
 from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
+from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
+from jqat._src.sharding import serving_partition_specs as serving_partition_specs
 
 __version__ = "0.1.0"
 
@@ -95,7 +97,9 @@ __all__ = (
     "qat_dot_general",
     "qparams_from_array",
     "qparams_from_range",
+    "qtensor_partition_spec",
     "quantize",
+    "serving_partition_specs",
     "unpack_int4",
     "update_stats",
     "weight_only_matmul",

@@ -4,8 +4,10 @@ from jqat._src.flax.nnx import QatConv as QatConv
 from jqat._src.flax.nnx import QatConvGeneralDilated as QatConvGeneralDilated
 from jqat._src.flax.nnx import QatDense as QatDense
 from jqat._src.flax.nnx import QatDotGeneral as QatDotGeneral
+from jqat._src.flax.nnx import QuantServing as QuantServing
 from jqat._src.flax.nnx import QuantStat as QuantStat
 from jqat._src.flax.nnx import calibrate as calibrate
+from jqat._src.flax.nnx import convert as convert
 from jqat._src.flax.nnx import freeze as freeze
 from jqat._src.flax.nnx import set_mode as set_mode
 
@@ -14,8 +16,10 @@ __all__ = (
   "QatConvGeneralDilated",
   "QatDense",
   "QatDotGeneral",
+  "QuantServing",
   "QuantStat",
   "calibrate",
+  "convert",
   "freeze",
   "set_mode",
 )

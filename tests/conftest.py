@@ -72,18 +72,18 @@ def ref_array_range(x, **granularity):
 
 
 def ref_qparams(lo, hi, bits: str, symmetric: bool, narrow_range: bool = False):
-  """Scale and zero point of DESIGN.md, in float32."""
+  """Scale and zero point of DESIGN.md, in float32, each ``a / b`` taken as ``a * (1 / b)`` as the library does."""
   f = np.float32
   lo = np.minimum(np.asarray(lo, f), f(0))
   hi = np.maximum(np.asarray(hi, f), f(0))
   qmin, qmax = ref_qrange(bits, narrow_range)
   eps = np.finfo(np.float32).eps
   if symmetric:
-    scale = np.maximum(np.maximum(-lo, hi) / f(qmax), eps).astype(f)
+    scale = np.maximum(np.maximum(-lo, hi) * f(1.0 / qmax), eps).astype(f)
     zp = np.zeros_like(scale)
   else:
-    scale = np.maximum((hi - lo) / f(qmax - qmin), eps).astype(f)
-    zp = np.clip(f(qmin) - np.round(lo / scale), qmin, qmax).astype(f)
+    scale = np.maximum((hi - lo) * f(1.0 / (qmax - qmin)), eps).astype(f)
+    zp = np.clip(f(qmin) - np.round(lo * (f(1) / scale)), qmin, qmax).astype(f)
   return scale, zp
 
 

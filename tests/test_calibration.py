@@ -295,6 +295,7 @@ def test_calibrate_model(method):
 def test_calibrate_model_per_channel_and_kl_alias():
   x = np.arange(12.0, dtype=np.float32).reshape(3, 4)
   specs = jqat.calibrate_model({"w": [x]}, method="minmax", config=jqat.QatConfig(per_channel=True))
-  np.testing.assert_array_equal(specs["w"].scale, (x.max(axis=0, keepdims=True) / 127).astype(np.float32))
+  # jqat evaluates amax / 127 as amax * (1 / 127) (see jqat.qparams_from_range).
+  np.testing.assert_array_equal(specs["w"].scale, x.max(axis=0, keepdims=True) * np.float32(1 / 127))
   kl = jqat.calibrate_model({"a": [x]}, method="kl", config=jqat.QatConfig(), num_bins=NUM_BINS)
   assert kl["a"].method is jqat.CalibMethod.ENTROPY

@@ -169,10 +169,10 @@ def _random_x(key: str, shape=(8, 6, 4)):
 
 
 def _random_case(bits, sym, narrow, gran, shape=(8, 6, 4)):
-  """x, a config and qparams calibrated on a narrower range than x covers (so that clipping is exercised)."""
+  """x, a config and qparams calibrated on half the range x covers (so that clipping is exercised)."""
   x = _random_x(f"{bits}{sym}{narrow}{gran}", shape)
   cfg = QatConfig(bits=bits, symmetric=sym, narrow_range=narrow, **GRANULARITIES[gran])
-  qp = qparams_from_array(x * F32(0.8), cfg)
+  qp = qparams_from_array(x * F32(0.5), cfg)
   return x, cfg, qp
 
 
@@ -253,14 +253,14 @@ def test_fp8_relative_error_inside_range(x, bits):
   assert np.all(np.abs(y - x) <= tol)
 
 
-@given(x=_values, cfg=_all_cfgs, shrink=st.floats(0.05, 2.0))
+@given(x=_values, cfg=_few_cfgs, shrink=st.floats(0.05, 2.0))
 def test_idempotent(x, cfg, shrink):
   qp = qparams_from_array(x * F32(shrink), cfg)  # also with values clipped
   y = _jfq(x, qp, cfg)
   np.testing.assert_array_equal(_jfq(y, qp, cfg), y)
 
 
-@given(x=_values, cfg=_all_cfgs, shrink=st.floats(0.05, 2.0))
+@given(x=_values, cfg=_few_cfgs, shrink=st.floats(0.05, 2.0))
 def test_monotone(x, cfg, shrink):
   qp = qparams_from_array(x * F32(shrink), cfg)
   xs = np.sort(x)
@@ -307,31 +307,50 @@ def test_per_group_is_per_tensor_block_by_block(x, cfg):
 # --- clipped STE gradients -----------------------------------------------------------------------------------------
 
 
+def _grid_position(v, z, cfg):
+  """Where v = x/s lands before clipping: round_half_even(v) + z, or v rounded to fp8 (NaN past the format)."""
+  if cfg.bits.is_float:
+    with np.errstate(invalid="ignore", over="ignore"):
+      return np.asarray(v, F32).astype(cfg.bits.float_dtype).astype(F32)
+  return np.round(v) + z
+
+
 def _ste_mask(x, scale, zp, cfg):
-  """The in-range mask of the clipped STE, from the definition: qmin <= x/s + z <= qmax."""
-  u = np.asarray(x, F32) * (F32(1) / np.asarray(scale, F32)) + np.asarray(zp, F32)
-  return ((u >= cfg.qmin) & (u <= cfg.qmax)).astype(F32)
+  """The in-range mask of the clipped STE, from the definition: qmin <= round(x/s) + z <= qmax."""
+  v = np.asarray(x, F32) * (F32(1) / np.asarray(scale, F32))
+  pos = _grid_position(v, np.asarray(zp, F32), cfg)
+  return ((pos >= cfg.qmin) & (pos <= cfg.qmax)).astype(F32)
 
 
 def test_ste_boundaries_hand_values():
-  # Scale 1/16 (exact). int8: u = 127 and -128 are inside, 127.5 and -128.5 outside.
+  # Scale 1/16 (exact). int8: the gradient passes where round_half_even(x/s) lies in [-128, 127]:
+  # 127.4 and 127 in, 127.5 (rounds to 128) out; -128.5 (rounds to -128) in, -128.6 out.
   cfg = QatConfig()
-  x = jnp.array([127, 127.5, -128, -128.5, 0, 3.3], jnp.float32) / 16
+  x = jnp.array([127, 127.4, 127.5, -128, -128.5, -128.6, 0, 3.3], jnp.float32) / 16
   g = jax.grad(lambda x: fake_quant(x, qp_of(1 / 16), cfg).sum())(x)
-  assert g.tolist() == [1, 0, 1, 0, 1, 1]
-  # Asymmetric, zero point -64: u = x/s - 64 in [-128, 127] <=> x/s in [-64, 191].
+  assert g.tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
+  # Asymmetric, zero point -64: round(x/s) - 64 in [-128, 127] <=> round(x/s) in [-64, 191].
   cfg = QatConfig(symmetric=False)
-  x = jnp.array([191, 191.5, -64, -64.5], jnp.float32) / 16
+  x = jnp.array([191, 191.5, -64, -64.5, -64.6], jnp.float32) / 16
   g = jax.grad(lambda x: fake_quant(x, qp_of(1 / 16, -64.0), cfg).sum())(x)
-  assert g.tolist() == [1, 0, 1, 0]
+  assert g.tolist() == [1, 0, 1, 1, 0]
   # Narrow range drops -128.
   cfg = QatConfig(narrow_range=True)
   x = jnp.array([-127, -127.5, -128], jnp.float32) / 16
   assert jax.grad(lambda x: fake_quant(x, qp_of(1 / 16), cfg).sum())(x).tolist() == [1, 0, 0]
-  # fp8: |x / s| <= 448.
-  cfg = QatConfig(bits="fp8")
-  x = jnp.array([448.0, 449.0, -448.0, -500.0])
-  assert jax.grad(lambda x: fake_quant(x, qp_of(1.0), cfg).sum())(x).tolist() == [1, 0, 1, 0]
+  # fp8 e4m3 (scale 1): 464 rounds to 448 (in), 465 would round past it (out).
+  cfg = QatConfig(bits="fp8_e4m3")
+  x = jnp.array([448.0, 464.0, 465.0, -464.0, -470.0])
+  assert jax.grad(lambda x: fake_quant(x, qp_of(1.0), cfg).sum())(x).tolist() == [1, 1, 0, 1, 0]
+
+
+def test_ste_keeps_the_gradient_of_the_largest_element():
+  # With a tensor's own range, its largest element sits at x/s = qmax up to one
+  # float rounding (here above it); it must not lose its gradient.
+  cfg = QatConfig(per_channel=True)
+  w = jax.random.normal(jax.random.key(3), (64, 32))
+  g = jax.grad(lambda w: fake_quant(w, qparams_from_array(w, cfg), cfg).sum())(w)
+  np.testing.assert_array_equal(g, np.ones_like(g))
 
 
 @pytest.mark.parametrize("gran", ["tensor", "channel", "channel_group"])
@@ -399,14 +418,15 @@ def test_ste_gradient_dtype_follows_input():
 def _lsq_reference(x, g, scale, zp, cfg, index, pshape, grad_scale):
   """LSQ (Esser et al. 2020, eq. 3) in the zero-point form of PyTorch's learnable fake quant, written in NumPy.
 
-  With u = x/s + z: dx = g where qmin <= u <= qmax; ds = sum g * (round(x/s) - x/s) inside, (qmin - z) below,
+  With u = x/s + z: dx = g where qmin <= round(x/s) + z <= qmax; ds = sum g * (round(x/s) - x/s) inside, (qmin - z) below,
   (qmax - z) above; dz = sum g * (-s) outside, 0 inside. ds and dz are scaled by grad_scale.
   """
   s = np.asarray(scale, F32)[index]
   z = np.round(np.asarray(zp, F32)[index]) if not cfg.symmetric else np.zeros_like(s)
   v = x * (F32(1) / s)
   u = v + z
-  inside = (u >= cfg.qmin) & (u <= cfg.qmax)
+  pos = _grid_position(v, z, cfg)
+  inside = (pos >= cfg.qmin) & (pos <= cfg.qmax)
   below = u < cfg.qmin
   if cfg.bits.is_float:
     r = np.clip(v, -cfg.qmax, cfg.qmax).astype(cfg.bits.float_dtype).astype(F32)
@@ -513,8 +533,10 @@ def test_lsq_scale_trains_towards_lower_error():
 # --- dtypes and compilation ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("bits", ["int4", "fp8_e4m3"])
+@pytest.mark.parametrize(
+  ("bits", "dtype"),
+  [("int4", jnp.float32), ("int4", jnp.bfloat16), ("int4", jnp.float16), ("fp8_e4m3", jnp.bfloat16)],
+)
 def test_dtype_and_shape_preserved(dtype, bits):
   cfg = QatConfig(bits=bits, per_channel=bits != "fp8_e4m3")
   x32 = jnp.asarray(np.random.default_rng(8).normal(size=(5, 3)), jnp.float32)

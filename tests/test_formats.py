@@ -150,3 +150,24 @@ def test_plain_cast_does_not_saturate():
   # The reason quantize_grid clips: this is what it would produce otherwise.
   assert np.isnan(float(jnp.float32(465.0).astype(jnp.float8_e4m3fn)))
   assert np.isinf(float(jnp.float32(61440.0).astype(jnp.float8_e5m2)))
+
+
+@pytest.mark.parametrize("bits", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_grid_matches_ml_dtypes_cast(bits):
+  # Every finite fp8 value, every midpoint between neighbours and a few ulps either side (the ties and near-ties,
+  # subnormals included), and random values of all magnitudes: the same as ml_dtypes' round-to-nearest-even cast.
+  b = QuantBits(bits)
+  dt = np.dtype(b.float_dtype)
+  grid = np.arange(256, dtype=np.uint8).view(dt).astype(np.float32)
+  grid = np.unique(grid[np.isfinite(grid)])
+  mids = (grid[1:] + grid[:-1]) / 2
+  xs, up, down = [grid, mids], mids, mids
+  for _ in range(3):
+    up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+    xs += [up, down]
+  rng = np.random.default_rng(0)
+  xs.append((rng.standard_normal(20000) * rng.choice([1e-4, 1e-2, 1.0, 30.0, 300.0, 3e4], 20000)).astype(np.float32))
+  x = np.clip(np.concatenate(xs), -b.float_max, b.float_max)
+  expected = x.astype(dt).astype(np.float32)
+  got = np.asarray(jax.jit(quantize_grid, static_argnums=2)(jnp.asarray(x), jnp.float32(0), QatConfig(bits=bits)))
+  np.testing.assert_array_equal(got, expected)

@@ -120,3 +120,33 @@ def test_conv_and_injected_dot_general():
   lin = nnx.LinearGeneral(6, (2, 3), dot_general=jqat.nnx.QatDotGeneral(), rngs=nnx.Rngs(0))
   g = nnx.grad(lambda m: jnp.sum(m(x[..., 0]) ** 2))(lin)
   assert float(jnp.abs(g["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize(
+  "wcfg,acfg",
+  [
+    (jqat.QatConfig(per_channel=True), jqat.QatConfig(symmetric=False)),
+    (jqat.QatConfig(bits="int4", per_channel=True), jqat.QatConfig(symmetric=False)),
+    (jqat.QatConfig(per_channel=True), None),
+  ],
+  ids=["w8a8", "w4a8", "weight_only"],
+)
+def test_convert_serves_the_qat_forward(wcfg, acfg):
+  x, _ = _digits(256)
+
+  def dense(i, o, *, rngs):
+    return jqat.nnx.QatDense(i, o, weight_config=wcfg, activation_config=acfg, rngs=rngs)
+
+  model = Mlp(dense, rngs=nnx.Rngs(0))
+  for i in range(3):
+    model(x[i * 64 : (i + 1) * 64])
+  model.eval()
+  y_qat = model(x)
+  jqat.nnx.convert(model)
+  assert model.l1.kernel is None
+  values = model.l1.dot_general.rhs_serving.get_value()["values"]
+  assert values.dtype == wcfg.bits.storage_dtype
+  y_serve = nnx.jit(lambda m, v: m(v))(model, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-4, atol=1e-4)
+  assert float(jnp.mean(jnp.argmax(y_serve, -1) == jnp.argmax(y_qat, -1))) >= 0.998
+  assert not any(isinstance(v, nnx.Param) and v.shape == (64, 64) for _, v in nnx.iter_graph(model))

@@ -37,7 +37,7 @@ def _fq(a, qp, cfg):
 
 
 def _mask(a, qp, cfg):
-  """In-range mask of the clipped STE, written from its definition: qmin <= a / s + z <= qmax."""
+  """In-range mask of the clipped STE, written from its definition: qmin <= round(a / s) + z <= qmax."""
   if cfg is None:
     return np.ones(a.shape, bool)
   a = np.asarray(a, np.float32)
@@ -46,8 +46,13 @@ def _mask(a, qp, cfg):
   if cfg.group_size is not None:  # parameters hold one entry per group: repeat them over the group
     s = np.repeat(s, cfg.group_size, axis=cfg.group_axis)
     z = np.repeat(z, cfg.group_size, axis=cfg.group_axis)
-  u = a / s + z
-  return (u >= cfg.qmin) & (u <= cfg.qmax)
+  v = a * (np.float32(1) / s)
+  if cfg.bits.is_float:
+    with np.errstate(invalid="ignore", over="ignore"):
+      pos = v.astype(cfg.bits.float_dtype).astype(np.float32)
+  else:
+    pos = np.round(v) + z
+  return (pos >= cfg.qmin) & (pos <= cfg.qmax)
 
 
 CASES = {

@@ -41,13 +41,18 @@ def _modes():
 MODES = list(_modes())
 
 
+def div(a, b):
+  """a / b as the library evaluates it: a * (1 / b), in float32."""
+  return F32(a) * F32(1.0 / b)
+
+
 # --- hand-computed oracles -----------------------------------------------------------------------------------------
 
 
 def test_asymmetric_int8_oracle():
   # ALGORITHMS.md §3: min=-1, max=3 gives scale 4/255 and zero point 64 in unsigned [0, 255], i.e. -64 in [-128, 127].
   qp = qparams_from_range(-1.0, 3.0, QatConfig(symmetric=False))
-  assert float(qp.scale) == F32(4.0) / F32(255.0)
+  assert float(qp.scale) == div(4.0, 255.0)
   assert float(qp.scale) == pytest.approx(0.0156863, abs=5e-8)
   assert float(qp.zero_point) == -64.0
   assert float(qp.zero_point) - (-128) == 64.0  # the unsigned convention
@@ -55,7 +60,7 @@ def test_asymmetric_int8_oracle():
 
 def test_symmetric_int8_oracle():
   qp = qparams_from_range(-1.0, 2.0, QatConfig())
-  assert float(qp.scale) == F32(2.0) / F32(127.0)
+  assert float(qp.scale) == div(2.0, 127.0)
   assert float(qp.zero_point) == 0.0
 
 
@@ -63,7 +68,7 @@ def test_symmetric_narrow_range_keeps_scale():
   # amax maps to qmax in both cases; narrow range only drops -128.
   full = qparams_from_range(-3.0, 1.0, QatConfig())
   narrow = qparams_from_range(-3.0, 1.0, QatConfig(narrow_range=True))
-  assert float(full.scale) == float(narrow.scale) == F32(3.0) / F32(127.0)
+  assert float(full.scale) == float(narrow.scale) == div(3.0, 127.0)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +85,7 @@ def test_symmetric_narrow_range_keeps_scale():
 )
 def test_asymmetric_oracles(bits, narrow, levels, zp):
   qp = qparams_from_range(-1.0, 3.0, QatConfig(bits=bits, symmetric=False, narrow_range=narrow))
-  assert float(qp.scale) == F32(4.0) / F32(levels)
+  assert float(qp.scale) == div(4.0, levels)
   assert float(qp.zero_point) == zp
 
 
@@ -98,7 +103,7 @@ def test_asymmetric_zero_point_rounds_half_to_even(lo, zp):
 )
 def test_symmetric_scale_per_format(bits, qmax):
   qp = qparams_from_range(-0.5, 7.0, QatConfig(bits=bits))
-  assert float(qp.scale) == F32(7.0) / F32(qmax)
+  assert float(qp.scale) == div(7.0, qmax)
 
 
 @pytest.mark.parametrize(("bits", "fmax"), [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])
@@ -106,7 +111,7 @@ def test_fp8_scale_maps_amax_to_format_max(bits, fmax):
   cfg = QatConfig(bits=bits)
   assert float(qparams_from_range(-fmax, 1.0, cfg).scale) == 1.0
   assert float(qparams_from_range(-1.0, 2 * fmax, cfg).scale) == 2.0
-  assert float(qparams_from_range(-3.0, 1.0, cfg).scale) == F32(3.0) / F32(fmax)
+  assert float(qparams_from_range(-3.0, 1.0, cfg).scale) == div(3.0, fmax)
   assert float(qparams_from_range(-3.0, 1.0, cfg).zero_point) == 0.0
 
 
@@ -114,10 +119,10 @@ def test_fp8_scale_maps_amax_to_format_max(bits, fmax):
   ("lo", "hi", "sym", "scale", "zp"),
   [
     # The range is widened to include 0 first.
-    (1.0, 3.0, False, F32(3.0) / F32(255.0), -128.0),
-    (-3.0, -1.0, False, F32(3.0) / F32(255.0), 127.0),
-    (1.0, 3.0, True, F32(3.0) / F32(127.0), 0.0),
-    (-3.0, -1.0, True, F32(3.0) / F32(127.0), 0.0),
+    (1.0, 3.0, False, div(3.0, 255.0), -128.0),
+    (-3.0, -1.0, False, div(3.0, 255.0), 127.0),
+    (1.0, 3.0, True, div(3.0, 127.0), 0.0),
+    (-3.0, -1.0, True, div(3.0, 127.0), 0.0),
   ],
 )
 def test_range_widened_to_include_zero(lo, hi, sym, scale, zp):
@@ -194,8 +199,18 @@ def test_jit_matches_eager():
 )
 def test_params_shape(shape, kwargs, expected):
   assert params_shape(shape, QatConfig(**kwargs)) == expected
-  x = jnp.ones(shape)
-  qp = qparams_from_array(x, QatConfig(**kwargs))
+
+
+@pytest.mark.parametrize(
+  ("shape", "kwargs", "expected"),
+  [
+    ((2, 3, 4), dict(per_channel=True, channel_axis=(0, 2)), (2, 1, 4)),
+    ((8, 6), dict(per_channel=True, group_size=4), (2, 6)),
+    ((), dict(), ()),
+  ],
+)
+def test_qparams_have_params_shape(shape, kwargs, expected):
+  qp = qparams_from_array(jnp.ones(shape), QatConfig(**kwargs))
   assert qp.scale.shape == qp.zero_point.shape == expected
 
 
@@ -239,8 +254,12 @@ def test_array_range_matches_reference(ref, gran):
   np.testing.assert_array_equal(hi, rhi)
 
 
+# test_fake_quant.py compares the parameters of every mode and granularity with the reference too.
 @pytest.mark.parametrize("gran", sorted(GRANULARITIES))
-@pytest.mark.parametrize(("bits", "sym", "narrow"), MODES)
+@pytest.mark.parametrize(
+  ("bits", "sym", "narrow"),
+  [("int8", False, False), ("int4", True, True), ("int3", False, True), ("fp8_e5m2", True, False)],
+)
 def test_qparams_from_array_matches_reference(ref, bits, sym, narrow, gran):
   kw = GRANULARITIES[gran]
   rng = np.random.default_rng(zlib.crc32(f"{bits}{sym}{narrow}{gran}".encode()))

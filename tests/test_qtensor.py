@@ -57,7 +57,7 @@ def test_pack_unpack_all_pairs():
   np.testing.assert_array_equal(unpack_int4(packed, pairs.size), pairs)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17])
+@pytest.mark.parametrize("n", [1, 2, 5, 17])
 def test_pack_unpack_lengths(n):
   q = np.random.default_rng(n).integers(-8, 8, size=n).astype(np.int8)
   packed = pack_int4(jnp.asarray(q))
@@ -131,7 +131,7 @@ def test_packed_nbytes():
   assert q.nbytes == 512 * 64 + 64 * 4 * 2
 
 
-@pytest.mark.parametrize(("bits", "sym", "narrow"), MODES)
+@pytest.mark.parametrize(("bits", "sym", "narrow"), [m for m in MODES if not m[2] or m[0] in ("int4", "int8")])
 def test_int_values_match_reference(ref, bits, sym, narrow):
   cfg = QatConfig(bits=bits, symmetric=sym, narrow_range=narrow, per_channel=True, channel_axis=0)
   x = _x(f"iv{bits}{sym}{narrow}", (7, 5))
@@ -147,12 +147,15 @@ def test_int_values_match_reference(ref, bits, sym, narrow):
 
 
 # Modes that also run under jit; the others run eagerly (compiling each config and granularity is what costs time).
-JIT_MODES = {("int8", True, False), ("int4", False, True), ("int2", False, False), ("fp8_e5m2", True, False)}
+JIT_MODES = {("int4", False, True), ("fp8_e5m2", True, False)}
+# The granularities of this test (the full set runs for the modes under jit); the odd packing axis is in each.
+EAGER_GRANULARITIES = ("tensor", "channel_axes", "channel_group")
 
 
-def _both_all_granularities(x, bits, sym, narrow):
+def _both_all_granularities(x, bits, sym, narrow, grans=tuple(GRANULARITIES)):
   out = {}
-  for gran, kw in GRANULARITIES.items():
+  for gran in grans:
+    kw = GRANULARITIES[gran]
     cfg = QatConfig(bits=bits, symmetric=sym, narrow_range=narrow, **kw)
     qp = qparams_from_array(x * F32(0.8), cfg)
     out[gran] = (dequantize(quantize(x, qp, cfg)), fake_quant(x, qp, cfg))
@@ -162,19 +165,19 @@ def _both_all_granularities(x, bits, sym, narrow):
 @pytest.mark.parametrize(("bits", "sym", "narrow"), MODES)
 def test_dequantize_quantize_equals_fake_quant(bits, sym, narrow):
   x = _x(f"{bits}{sym}{narrow}")
-  results = _both_all_granularities(x, bits, sym, narrow)
+  jitted = (bits, sym, narrow) in JIT_MODES
+  results = _both_all_granularities(x, bits, sym, narrow, tuple(GRANULARITIES) if jitted else EAGER_GRANULARITIES)
   for gran, (dq, fq) in results.items():
     np.testing.assert_array_equal(dq, fq, err_msg=gran)
     assert np.any(dq != x), gran
-  if (bits, sym, narrow) in JIT_MODES:
+  if jitted:
     # Under jit, and across execution modes: the jitted dequantize(quantize(x)) against the eager fake_quant.
     for gran, (dq, fq) in jax.jit(_both_all_granularities, static_argnums=(1, 2, 3))(x, bits, sym, narrow).items():
       np.testing.assert_array_equal(dq, results[gran][1], err_msg=gran)
       np.testing.assert_array_equal(fq, results[gran][1], err_msg=gran)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("bits", ["int4", "fp8_e4m3", "int8"])
+@pytest.mark.parametrize(("bits", "dtype"), [("int4", jnp.bfloat16), ("fp8_e4m3", jnp.float16), ("int8", jnp.bfloat16)])
 def test_dequantize_quantize_equals_fake_quant_eager_low_precision(bits, dtype):
   cfg = QatConfig(bits=bits, per_channel=True)
   x = jnp.asarray(_x(bits, (5, 4)), dtype)
@@ -205,7 +208,7 @@ def test_scalar_qparams_and_scalar_x():
   assert float(dequantize(q)) == 1.5 == float(fake_quant(jnp.float32(1.3), qp, cfg))
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(symmetric=False, per_channel=True), dict(bits="int4")])
+@pytest.mark.parametrize("kwargs", [dict(symmetric=False, per_channel=True), dict(bits="int4")])
 def test_near_ties_eager_and_jit(ref, kwargs):
   # Where x / s and x * (1/s) round differently, quantize / dequantize and fake_quant agree in every mode.
   cfg = QatConfig(**kwargs)

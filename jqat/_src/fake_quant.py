@@ -13,39 +13,65 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jqat._src import formats
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import Estimator, QatConfig
 from jqat._src.qparams import QParams
+from jqat._src.qparams import to_grid_units as to_grid_units
 
 
-def to_grid_units(x: jax.Array, scale: jax.Array) -> jax.Array:
-  """``x / scale``, computed as ``x * (1 / scale)``.
+def _round_to_float8(c: jax.Array, bits) -> jax.Array:
+  """Rounds ``c`` (already inside ``±max``) to the nearest fp8 value, ties to even; the result stays in c's dtype.
 
-  XLA turns a division by a broadcast scale into a multiplication by its
-  reciprocal in some graphs and not in others (it depends on constants and on
-  how many ops share the broadcast), and the two differ in the last bit. Written
-  as the multiplication, the result is the same eager, under jit and fused into
-  any larger computation, so ``fake_quant`` and ``quantize`` always agree.
+  The same values as ``c.astype(fp8).astype(c.dtype)``, but that round trip is
+  not safe to write: XLA may drop a narrowing convert followed by a widening
+  one (``xla_allow_excess_precision``, on by default on GPU), and fake quant
+  would then not quantize at all. ``reduce_precision`` is the op XLA keeps.
+  Normal values keep the format's mantissa bits; below the smallest normal
+  ``2^emin`` the grid is uniform with step ``2^(emin - mantissa)``.
   """
-  return x * (1 / scale)
+  info = jnp.finfo(bits.float_dtype)
+  mant, emin = int(info.nmant), int(info.minexp)
+  normal = lax.reduce_precision(c, exponent_bits=jnp.finfo(c.dtype).nexp, mantissa_bits=mant)
+  # Powers of two: both multiplications are exact.
+  subnormal = jnp.round(c * 2.0 ** (mant - emin)) * 2.0 ** (emin - mant)
+  return jnp.where(jnp.abs(c) < 2.0**emin, subnormal, normal)
 
 
 def quantize_grid(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
   """Maps ``x / scale`` onto the format's grid; returns the quantized values as floats.
 
   Integers: ``clip(round_half_even(x / scale) + zero_point, qmin, qmax)``.
-  fp8: ``clip(x / scale, -max, max)`` cast to the fp8 dtype and back (round to
-  nearest even). The clip comes before the cast because the cast does not
-  saturate (465 becomes NaN in e4m3fn).
+  fp8: ``clip(x / scale, -max, max)`` rounded to the nearest fp8 value (ties to
+  even), exactly what the cast to the fp8 dtype gives. The clip comes first
+  because the cast does not saturate (465 becomes NaN in e4m3fn).
   """
   if config.bits.is_float:
     m = config.bits.float_max
-    q8 = jnp.clip(x_scaled, -m, m).astype(config.bits.float_dtype)
-    return q8.astype(x_scaled.dtype)
+    return _round_to_float8(jnp.clip(x_scaled, -m, m), config.bits)
   return jnp.clip(jnp.round(x_scaled) + zero_point, config.qmin, config.qmax)
+
+
+def grid_position(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
+  """Where ``x / scale`` lands on the format's grid before clipping: ``round(x / s) + z``, or the fp8 rounding."""
+  if config.bits.is_float:
+    return _round_to_float8(x_scaled, config.bits)
+  return jnp.round(x_scaled) + zero_point
+
+
+def in_range(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
+  """The clipped STE's mask: True where ``x`` quantizes to a grid value without clipping.
+
+  The test is on the rounded position, as in PyTorch's fake quantization
+  (``qmin <= round(x / s) + z <= qmax``), not on ``x / s`` itself: the largest
+  element of a tensor quantized with its own range sits at ``x / s = qmax``
+  up to one float rounding, and must keep its gradient.
+  """
+  pos = grid_position(x_scaled, zero_point, config)
+  return (pos >= config.qmin) & (pos <= config.qmax)
 
 
 def _effective_zero_point(zero_point, config: QatConfig, dtype):
@@ -63,9 +89,7 @@ def _forward(x, scale, zero_point, config: QatConfig):
   zp = _effective_zero_point(zero_point, config, cd)
   q = quantize_grid(xs, zp, config)
   y = ((q - zp) * scale.astype(cd)).astype(x.dtype)
-  u = xs + zp
-  inside = (u >= config.qmin) & (u <= config.qmax)
-  return y, q, xs, zp, inside
+  return y, q, xs, zp, in_range(xs, zp, config)
 
 
 # --- clipped STE (Bengio et al. 2013) --------------------------------------------
@@ -171,7 +195,7 @@ def fake_quant(
   Gradients, by ``config.estimator``:
 
   * ``"ste"``: clipped straight-through estimator,
-    ``dy/dx = 1`` where ``qmin <= x / s + z <= qmax`` and 0 outside; no
+    ``dy/dx = 1`` where ``qmin <= round(x / s) + z <= qmax`` (x quantizes without clipping) and 0 outside; no
     gradient for ``s`` and ``z``.
   * ``"lsq"``: the same ``dy/dx``, plus the LSQ step-size gradient
     ``dy/ds = round(x/s) - x/s`` inside, ``qmin - z`` below, ``qmax - z``

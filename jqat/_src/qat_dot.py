@@ -20,7 +20,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jqat._src import formats, int_ops
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import QatConfig
-from jqat._src.fake_quant import _effective_zero_point, quantize_grid
+from jqat._src.fake_quant import _effective_zero_point, in_range, quantize_grid, to_grid_units
 from jqat._src.qparams import QParams
 
 
@@ -44,11 +44,9 @@ def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
   cd = formats.compute_dtype(x.dtype)
   s = qparams_lib.params_to_groups(jnp.asarray(scale), x.ndim, config).astype(cd)
   z = _effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), x.ndim, config), config, cd)
-  xs = qparams_lib.to_groups(x, config).astype(cd) / s
+  xs = to_grid_units(qparams_lib.to_groups(x, config).astype(cd), s)
   q = quantize_grid(xs, z, config)
-  u = xs + z
-  # The same mask as fake_quant's clipped STE: inside the range before rounding.
-  inside = (u >= config.qmin) & (u <= config.qmax)
+  inside = in_range(xs, z, config)  # the same mask as fake_quant's clipped STE
   q = qparams_lib.from_groups(q.astype(_storage_dtype(config)), x.shape, config)
   return q, qparams_lib.from_groups(inside, x.shape, config)
 

@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from jqat._src.config import QatConfig
@@ -133,18 +132,18 @@ def array_range(x: ArrayLike, config: QatConfig) -> tuple[jax.Array, jax.Array]:
   return lo, hi
 
 
-def _divide(a: jax.Array, b) -> jax.Array:
-  """``a / b``, correctly rounded wherever it is compiled.
+def to_grid_units(x: jax.Array, scale) -> jax.Array:
+  """``x / scale``, computed as ``x * (1 / scale)``.
 
-  XLA rewrites a division by a constant or by a broadcast scalar into a
-  multiplication by its reciprocal, which can differ in the last bit, and
-  whether it does depends on the surrounding graph (eager, jit, fusion). A
-  full-shaped divisor behind an optimization barrier keeps the true division,
-  so the scale is the same everywhere. Parameters are small; the copy is cheap.
+  XLA turns a division by a broadcast or constant divisor into a
+  multiplication by its reciprocal in some graphs and not in others (it depends
+  on constants and on how many ops share the broadcast), and on GPU a float32
+  division is not correctly rounded; the results differ in the last bit.
+  Written as the multiplication, the result is the same eager, under jit and
+  fused into any larger computation, so ``qparams_from_range``, ``fake_quant``
+  and ``quantize`` always agree.
   """
-  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-  b = lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), shape))
-  return a / b
+  return x * (1 / scale)
 
 
 def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig) -> QParams:
@@ -157,6 +156,9 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   * asymmetric: ``scale = (max - min) / (qmax - qmin)``,
     ``zero_point = clip(qmin - round(min / scale), qmin, qmax)``;
   * fp8 (always symmetric): ``scale = amax / fp8_max`` (448 or 57344).
+
+  Each ``a / b`` is evaluated as ``a * (1 / b)`` (see ``to_grid_units``), so
+  the parameters are the same bits whether computed eagerly or under jit.
 
   A degenerate range (all zeros) gives ``scale = MIN_SCALE`` (float32 eps),
   never 0, NaN or Inf. Rounding is half to even.
@@ -187,11 +189,11 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   qmin, qmax = config.qmin, config.qmax
   if config.symmetric:
     amax = jnp.maximum(-lo, hi)
-    scale = jnp.maximum(_divide(amax, qmax), MIN_SCALE)
+    scale = jnp.maximum(to_grid_units(amax, float(qmax)), MIN_SCALE)
     zero_point = jnp.zeros_like(scale)
   else:
-    scale = jnp.maximum(_divide(hi - lo, qmax - qmin), MIN_SCALE)
-    zero_point = jnp.clip(qmin - jnp.round(_divide(lo, scale)), qmin, qmax)
+    scale = jnp.maximum(to_grid_units(hi - lo, float(qmax - qmin)), MIN_SCALE)
+    zero_point = jnp.clip(qmin - jnp.round(to_grid_units(lo, scale)), qmin, qmax)
   return QParams(scale=scale, zero_point=zero_point)
 
 

@@ -103,7 +103,8 @@ def check_nonempty(x: jax.Array, what: str = "x") -> None:
 def _blocks(x: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
   """``x`` reshaped to ``(b_0, n_0, b_1, n_1, ...)`` with ``b_a = shape[a]``, and the axes ``n_a``."""
   if math.prod(shape) == 1:
-    return x.reshape(-1), (0,)
+    # Reduce over every axis in place: flattening a sharded array would gather it.
+    return x, tuple(range(x.ndim))
   if x.ndim != len(shape) or any(d % b for d, b in zip(x.shape, shape)):
     raise ValueError(
       f"an array of shape {x.shape} does not match statistics of shape {shape}: each axis of the array "
@@ -131,7 +132,9 @@ def finite_range(x: ArrayLike, shape: tuple[int, ...]) -> tuple[jax.Array, jax.A
   # batch finite; only then is the masked second pass skipped (it costs ~3x
   # the plain reduction on CPU).
   def clean(_):
-    return lo, hi, jnp.zeros((), jnp.int32)
+    # zeros_like(ok), not a fresh constant: inside shard_map both branches must
+    # vary over the same mesh axes.
+    return lo, hi, jnp.zeros_like(ok, jnp.int32)
 
   def masked(_):
     finite = jnp.isfinite(xb)

@@ -294,7 +294,7 @@ class QatDense(nn.Dense):
       kernel = jax.ShapeDtypeStruct((inputs.shape[-1], self.features), inputs.dtype)
       y = quant(inputs, kernel, dims, precision=self.precision)
       return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)) if bias is not None else y
-    if self.is_mutable_collection(SERVE) and self.weight_config is not None:
+    if self.is_mutable_collection(SERVE) and not self.is_initializing() and self.weight_config is not None:
       # Tells convert() that this layer's float kernel is not needed to serve.
       self.put_variable(SERVE, OWNS_KERNEL, jnp.ones((), bool))
     if self.has_variable("params", "kernel"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
@@ -27,12 +28,17 @@ from jqat._src.config import CalibMethod, QatConfig
 from jqat._src.fake_quant import fake_quant
 from jqat._src.flax import common
 from jqat._src.qparams import QParams
+from jqat._src.qtensor import quantize
 
 NNX_MODES = ("float", "calibrate", "qat")
 
 
 class QuantStat(nnx.Variable):
   """Quantization statistics: activation ranges and calibration histograms (not trained)."""
+
+
+class QuantServing(nnx.Variable):
+  """Serving variables: a quantized kernel (values, scale, zero point, sums) or a frozen activation range."""
 
 
 def _check(mode: str, where: str):
@@ -59,6 +65,8 @@ class _Quantizer(nnx.Module):
     stats_on = lhs_config is not None and not lhs_config.per_channel and lhs_config.group_size is None
     self.lhs_stats = QuantStat(common.init_activation_stats(lhs_config, momentum)) if stats_on else None
     self.lhs_calib = QuantStat(calibration.init_stats((), lhs_config, CalibMethod.ENTROPY)) if stats_on else None
+    self.rhs_serving = nnx.data(None)
+    self.lhs_serving = nnx.data(None)
 
   def _observe(self, x):
     if self.lhs_calib is None:
@@ -115,12 +123,29 @@ class QatDotGeneral(_Quantizer):
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
     where = f"{type(self).__name__}"
     _check(self.mode, where)
-    err = common.dot_shape_error(where, jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
+    # A converted QatDense has no float kernel: it passes the kernel's shape alone.
+    rhs_shape = rhs.shape if isinstance(rhs, jax.ShapeDtypeStruct) else jnp.shape(rhs)
+    err = common.dot_shape_error(where, jnp.shape(lhs), rhs_shape, dimension_numbers)
     if err is not None:
       raise err
     (lc, rc), (lb, rb) = dimension_numbers
     lhs_cfg = common.operand_config(self.lhs_config, jnp.ndim(lhs), lc, lb)
-    rhs_cfg = common.operand_config(self.rhs_config, jnp.ndim(rhs), rc, rb)
+    rhs_cfg = common.operand_config(self.rhs_config, len(rhs_shape), rc, rb)
+    if self.rhs_serving is not None:
+      entry = self.rhs_serving.get_value()
+      wq = common.weight_from_serving(entry, rhs_cfg, rhs_shape)
+      lhs_qp = QParams(**self.lhs_serving.get_value()) if self.lhs_serving is not None else None
+      return common.serve_dot_general(
+        lhs,
+        wq,
+        dimension_numbers,
+        lhs_qp,
+        lhs_cfg,
+        rhs_sums=entry.get("sums"),
+        preferred_element_type=preferred_element_type,
+      )
+    if isinstance(rhs, jax.ShapeDtypeStruct):
+      raise ValueError(f"{where}: no kernel and no serving variables.")
     kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
     if out_sharding is not None:
       kwargs["out_sharding"] = out_sharding
@@ -132,6 +157,23 @@ class QatDotGeneral(_Quantizer):
     lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
     rhs_qp = qparams_lib.qparams_from_array(lax.stop_gradient(rhs), rhs_cfg) if rhs_cfg is not None else None
     return common.quantized_dot_general(lhs, rhs, dimension_numbers, lhs_qp, rhs_qp, lhs_cfg, rhs_cfg, **kwargs)
+
+  def convert(self, kernel, contracting=(0,)) -> None:
+    """Stores ``kernel`` quantized, and the frozen (or moving-average) activation range, for serving.
+
+    After this the module serves with the integer path and ignores the float
+    kernel it is given.
+    """
+    kernel = jnp.asarray(kernel)
+    rhs_cfg = common.operand_config(self.rhs_config, kernel.ndim, contracting, ())
+    if rhs_cfg is None:
+      raise ValueError("QatDotGeneral.convert: rhs_config is None; there is no kernel to quantize.")
+    wq = quantize(kernel, qparams_lib.qparams_from_array(kernel, rhs_cfg), rhs_cfg)
+    lhs_cfg = self.lhs_config
+    self.rhs_serving = QuantServing(common.serving_weight(wq, contracting, lhs_cfg))
+    if lhs_cfg is not None and self.lhs_stats is not None:
+      qp = common.serving_activation_qparams(self.lhs_stats.get_value(), lhs_cfg, type(self).__name__)
+      self.lhs_serving = QuantServing({"scale": qp.scale, "zero_point": qp.zero_point})
 
 
 class QatConvGeneralDilated(_Quantizer):
@@ -216,9 +258,24 @@ class QatDense(nnx.Linear):
     if jnp.shape(inputs)[-1:] != (self.in_features,):
       raise ValueError(
         f"QatDense(in_features={self.in_features}, out_features={self.out_features}): input shape "
-        f"{jnp.shape(inputs)} does not end in {self.in_features} features (kernel shape {self.kernel.shape})."
+        f"{jnp.shape(inputs)} does not end in {self.in_features} features "
+        f"(kernel shape {(self.in_features, self.out_features)})."
       )
-    return super().__call__(inputs, out_sharding=out_sharding)
+    if self.kernel is not None:
+      return super().__call__(inputs, out_sharding=out_sharding)
+    # Serving: the kernel lives, quantized, in the quantizer.
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, bias = self.promote_dtype((inputs, bias), dtype=self.dtype)
+    kernel = jax.ShapeDtypeStruct((self.in_features, self.out_features), inputs.dtype)
+    y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)) if bias is not None else y
+
+  def convert(self) -> None:
+    """Quantizes the kernel for serving and drops the float kernel (in place)."""
+    if self.kernel is None:
+      return
+    self.dot_general.convert(self.kernel[...])
+    self.kernel = None
 
 
 class QatConv(nnx.Conv):
@@ -295,3 +352,36 @@ def calibrate(
     freeze(model, method, percentile=percentile)
   finally:
     set_mode(model, "qat")
+
+
+def convert(model) -> None:
+  """Converts every quantized dense layer of ``model`` to serving, in place.
+
+  ``QatDense`` layers keep their kernel quantized (int8, packed int4 or fp8
+  values, scale, zero point) and drop the float kernel; a stock ``nnx.Linear``
+  with a ``QatDotGeneral`` keeps its float kernel (it owns it) but serves from
+  the quantized copy. Other layers with an injected ``QatDotGeneral`` keep
+  their QAT forward. Activations are quantized with their frozen (or
+  moving-average) range. Afterwards ``model(x)`` runs the integer path.
+
+  Raises:
+    ValueError: when an activation has neither a frozen range nor statistics.
+
+  Examples:
+    >>> import jax.numpy as jnp, jqat
+    >>> from flax import nnx
+    >>> layer = jqat.nnx.QatDense(2, 3, rngs=nnx.Rngs(0))
+    >>> x = jnp.array([[0.5, -1.0]])
+    >>> y_qat = layer(x)
+    >>> jqat.nnx.convert(layer)
+    >>> layer.kernel is None, layer.dot_general.rhs_serving.get_value()["values"].dtype
+    (True, dtype('int8'))
+    >>> layer.eval()
+    >>> bool(jnp.allclose(layer(x), y_qat, atol=1e-6))
+    True
+  """
+  for _, m in list(nnx.iter_modules(model)):
+    if isinstance(m, QatDense):
+      m.convert()
+    elif isinstance(m, nnx.Linear) and isinstance(m.dot_general, QatDotGeneral) and m.kernel is not None:
+      m.dot_general.convert(m.kernel[...])
