@@ -14,5 +14,6 @@ __all__ = (
   "QatDense",
   "QatDotGeneral",
   "calibrate",
+  "convert",
   "freeze",
 )

@@ -41,3 +41,12 @@ def test_core_imports_without_flax():
     "assert not any(m == 'flax' or m.startswith('flax.') for m in sys.modules), 'flax imported'\n"
   )
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_flax_namespaces_export_what_they_import():
+  import jqat.linen
+  import jqat.nnx
+
+  for mod in (jqat.linen, jqat.nnx):
+    public = {n for n in vars(mod) if not n.startswith("_")}
+    assert set(mod.__all__) == public, mod.__name__
