@@ -418,8 +418,8 @@ def test_ste_gradient_dtype_follows_input():
 def _lsq_reference(x, g, scale, zp, cfg, index, pshape, grad_scale):
   """LSQ (Esser et al. 2020, eq. 3) in the zero-point form of PyTorch's learnable fake quant, written in NumPy.
 
-  With u = x/s + z: dx = g where qmin <= round(x/s) + z <= qmax; ds = sum g * (round(x/s) - x/s) inside, (qmin - z) below,
-  (qmax - z) above; dz = sum g * (-s) outside, 0 inside. ds and dz are scaled by grad_scale.
+  With u = x/s + z: dx = g where qmin <= round(x/s) + z <= qmax; ds = sum g * (round(x/s) - x/s) inside,
+  (qmin - z) below, (qmax - z) above; dz = sum g * (-s) outside, 0 inside. ds and dz are scaled by grad_scale.
   """
   s = np.asarray(scale, F32)[index]
   z = np.round(np.asarray(zp, F32)[index]) if not cfg.symmetric else np.zeros_like(s)
