@@ -64,6 +64,23 @@ def operand_config(config: QatConfig | None, ndim: int, contracting, batch) -> Q
   return config.replace(**changes) if changes else config
 
 
+def conv_kernel_config(config: QatConfig | None, lhs_shape, rhs_shape, dimension_numbers) -> QatConfig | None:
+  """The config of a conv kernel with its axes taken from the conv.
+
+  Per-channel scales sit on the kernel's output-feature axis, groups split its
+  input-feature axis, whatever the layout (HWIO for Flax).
+  """
+  if config is None:
+    return None
+  dn = lax.conv_dimension_numbers(tuple(lhs_shape), tuple(rhs_shape), dimension_numbers)
+  changes = {}
+  if config.per_channel:
+    changes["channel_axis"] = dn.rhs_spec[0]
+  if config.group_size is not None:
+    changes["group_axis"] = dn.rhs_spec[1]
+  return config.replace(**changes) if changes else config
+
+
 class ActivationStats(NamedTuple):
   """Range statistics of one activation, kept in the ``quant_stats`` collection.
 

@@ -338,16 +338,7 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
     )
     if self.mode == "float" or (self.lhs_config is None and self.rhs_config is None):
       return conv(lhs, rhs)
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
-    out_axis = dn.rhs_spec[0]
-    rhs_cfg = self.rhs_config
-    if rhs_cfg is not None:
-      changes = {}
-      if rhs_cfg.per_channel:
-        changes["channel_axis"] = out_axis
-      if rhs_cfg.group_size is not None:
-        changes["group_axis"] = dn.rhs_spec[1]
-      rhs_cfg = rhs_cfg.replace(**changes) if changes else rhs_cfg
+    rhs_cfg = common.conv_kernel_config(self.rhs_config, lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
     lhs_cfg = self.lhs_config
     if lhs_cfg is not None and (lhs_cfg.per_channel or lhs_cfg.group_size is not None):
       raise ValueError(f"{_where(self)}: conv activations are quantized per tensor; got {lhs_cfg}.")

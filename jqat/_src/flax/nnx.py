@@ -211,13 +211,7 @@ class QatConvGeneralDilated(_Quantizer):
       lhs = fake_quant(lhs, self._lhs_qparams(lhs, self.lhs_config), self.lhs_config)
     rhs_cfg = self.rhs_config
     if rhs_cfg is not None:
-      dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), kwargs.get("dimension_numbers"))
-      changes = {}
-      if rhs_cfg.per_channel:
-        changes["channel_axis"] = dn.rhs_spec[0]
-      if rhs_cfg.group_size is not None:
-        changes["group_axis"] = dn.rhs_spec[1]
-      rhs_cfg = rhs_cfg.replace(**changes) if changes else rhs_cfg
+      rhs_cfg = common.conv_kernel_config(rhs_cfg, jnp.shape(lhs), jnp.shape(rhs), kwargs.get("dimension_numbers"))
       rhs = fake_quant(rhs, qparams_lib.qparams_from_array(lax.stop_gradient(rhs), rhs_cfg), rhs_cfg)
     return conv(lhs, rhs)
 
