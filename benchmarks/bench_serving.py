@@ -82,7 +82,7 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
     "w-only": (jax.jit(jqat.weight_only_matmul), x, wq),
     "w-only 1dot": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=None)), x, wq),
     "w-only kb64": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=64)), x, wq),
-    "w-only kb1024": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=1024)), x, wq),
+    "w-only kb256": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=256)), x, wq),
   }
   times = {name: median_ms(f, *args, reps=reps) for name, (f, *args) in variants.items()}
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
