@@ -196,3 +196,24 @@ def test_unquantized_operands_are_a_plain_dot():
   np.testing.assert_allclose(jqat.qat_dot_general(x, w, MATMUL), x @ w, rtol=0, atol=2e-5)
   with pytest.raises(ValueError, match="rhs_qparams is None"):
     jqat.qat_dot_general(x, w, MATMUL, rhs_config=WCFG)
+
+
+def test_operands_with_their_own_range_skip_the_all_ones_mask():
+  # Quantized with its own range, an operand never clips: dropping its mask
+  # (may_clip=False) must leave the output and the gradients unchanged.
+  x = jax.random.normal(jax.random.key(0), (6, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 5))
+  xcfg, wcfg = jqat.QatConfig(per_channel=True, symmetric=False), jqat.QatConfig(per_channel=True)
+  dims = (((1,), (0,)), ((), ()))
+
+  def f(x, w, may_clip):
+    xqp, wqp = jqat.qparams_from_array(x, xcfg), jqat.qparams_from_array(w, wcfg)
+    y = jqat.qat_dot_general(
+      x, w, dims, xqp, wqp, lhs_config=xcfg, rhs_config=wcfg, lhs_may_clip=may_clip, rhs_may_clip=may_clip
+    )
+    return jnp.sum(y * jnp.arange(5.0))
+
+  ref = jax.value_and_grad(f, argnums=(0, 1))(x, w, True)
+  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)(x, w, False)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)

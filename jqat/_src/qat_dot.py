@@ -33,6 +33,8 @@ class _Static(NamedTuple):
   precision: object
   out_dtype: jnp.dtype
   integer: bool  # forward runs the integer kernel
+  lhs_may_clip: bool = True  # False: the mask is all ones by construction, skip it
+  rhs_may_clip: bool = True
 
 
 def _storage_dtype(config: QatConfig):
@@ -84,6 +86,10 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
     qr, mr = _quantize(rhs, rs, rz, rcfg)
   else:
     qr, mr = rhs, None
+  # An operand quantized with its own range never clips: its mask is all ones,
+  # and keeping it would cost a byte per element forward and a pass backward.
+  ml = ml if static.lhs_may_clip else None
+  mr = mr if static.rhs_may_clip else None
   if static.integer:
     y = _integer_forward(static, ql, ls, lz, qr, rs, rz)
   else:
@@ -159,6 +165,8 @@ def qat_dot_general(
   rhs_config: QatConfig | None = None,
   precision=None,
   preferred_element_type: DTypeLike | None = None,
+  lhs_may_clip: bool = True,
+  rhs_may_clip: bool = True,
 ) -> jax.Array:
   """``lax.dot_general`` with quantized operands, for quantization-aware training.
 
@@ -198,6 +206,11 @@ def qat_dot_general(
     precision: passed to the float dots.
     preferred_element_type: dtype of the result; default that of
       ``lax.dot_general(lhs, rhs)``.
+    lhs_may_clip: pass False when ``lhs_qparams`` come from ``lhs``'s own
+      range (``qparams_from_array(lhs, ...)``): then nothing clips, the STE
+      mask is all ones by construction, and it is neither kept nor applied.
+    rhs_may_clip: the same for ``rhs`` (a kernel quantized with its own
+      per-channel range).
 
   Returns:
     The product, shaped as ``lax.dot_general``'s.
@@ -238,7 +251,7 @@ def qat_dot_general(
   ls, lz = _params_or_placeholder(lhs_qparams, lhs_config, "lhs")
   rs, rz = _params_or_placeholder(rhs_qparams, rhs_config, "rhs")
   integer = _integer_path_applies(lhs, rhs, dims, lhs_config, rhs_config, ls, lz, rs, rz)
-  static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer)
+  static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer, lhs_may_clip, rhs_may_clip)
   return _qat_dot(static, lhs, rhs, ls, lz, rs, rz)
 
 

@@ -157,9 +157,12 @@ def quantized_dot_general(
   """The QAT forward: the integer dot of the quantized operands, straight-through backward.
 
   The same numbers as ``lax.dot_general(fake_quant(lhs), fake_quant(rhs))``
-  up to float rounding of the rescale, computed as serving computes them.
+  up to float rounding of the rescale, computed as serving computes them. The
+  kernel is quantized with its own range (so it never clips), and so is a
+  per-token activation; their all-ones STE masks are skipped.
   """
   del out_sharding  # the output follows the operands' shardings
+  lhs_own_range = lhs_config is not None and (lhs_config.per_channel or lhs_config.group_size is not None)
   return qat_dot_general(
     lhs,
     rhs,
@@ -170,6 +173,8 @@ def quantized_dot_general(
     rhs_config=rhs_config,
     precision=precision,
     preferred_element_type=preferred_element_type,
+    lhs_may_clip=not lhs_own_range,
+    rhs_may_clip=False,
   )
 
 
