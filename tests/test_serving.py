@@ -139,3 +139,24 @@ def test_injected_dot_general_in_stock_dense_serves_from_quantized_copy():
   assert "kernel" in served["params"]  # nn.Dense creates it itself
   assert served["serving"]["QatDotGeneral_0"]["rhs"]["values"].dtype == jnp.int8
   np.testing.assert_allclose(layer.apply(served, x), layer.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "wcfg", [jqat.QatConfig(per_channel=True), jqat.QatConfig(per_channel=True, symmetric=False)], ids=["sym", "asym"]
+)
+def test_conv_serves_with_an_integer_convolution(wcfg):
+  class Cnn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(qnn.QatConv(8, (3, 3), weight_config=wcfg)(x))
+      return qnn.QatConv(4, (3, 3), strides=2, padding="VALID", weight_config=wcfg)(x)
+
+  model = Cnn()
+  x = _digits(192).reshape(-1, 8, 8, 1)
+  v = _qat_variables(model, x)
+  served = qnn.convert(model, v, x[:4])
+  assert served["serving"]["Conv_0"]["QatConvGeneralDilated_0"]["rhs"]["values"].dtype == jnp.int8
+  # Zero padding (SAME) and strides: the integer convolution equals conv(fake_quant(x), fake_quant(w)).
+  np.testing.assert_allclose(jax.jit(model.apply)(served, x), model.apply(v, x), rtol=1e-4, atol=1e-5)
+  hlo = jax.jit(model.apply).lower(served, x[:2]).as_text()
+  assert "convolution" in hlo and "xi16>" in hlo and "xi32>" in hlo

@@ -265,3 +265,57 @@ def serve_dot_general(
     lhs_qp = qparams_lib.qparams_from_array(lhs, lhs_config)
   xq = quantize(lhs, lhs_qp, lhs_config)
   return int_ops.int_dot_general(xq, wq, dimension_numbers, rhs_sums=rhs_sums, out_dtype=out_dtype)
+
+
+def serve_conv(
+  lhs: jax.Array, wq: QTensor, lhs_qp: QParams | None, lhs_config: QatConfig | None, conv, dimension_numbers
+):
+  """Serving forward of a convolution: an integer convolution with int32 accumulation, one rescale.
+
+  The activation is quantized with its frozen range and centred on its zero
+  point (``q - z`` fits int16), so zero padding stays exact; the kernel's
+  values (centred likewise when asymmetric) enter as int16 and
+  ``lax.conv_general_dilated(..., preferred_element_type=int32)`` sums them.
+  The per-output-feature scale is applied once to the result. fp8 or
+  per-group kernels, and float activations (weight-only), run a float
+  convolution of the dequantized operands.
+
+  Args:
+    lhs: float input.
+    wq: the quantized kernel.
+    lhs_qp: the activation's frozen QParams (None with ``lhs_config`` None).
+    lhs_config: the activation config, or None for weight-only.
+    conv: ``lax.conv_general_dilated`` with the layer's strides, padding and
+      dimension numbers bound.
+    dimension_numbers: the layer's conv dimension numbers (None for lax's default).
+
+  Returns:
+    The convolution, in ``lhs``'s dtype.
+  """
+  out_dtype = lhs.dtype
+  integer = (
+    lhs_config is not None
+    and not lhs_config.bits.is_float
+    and not wq.config.bits.is_float
+    and wq.config.group_size is None
+  )
+  if not integer:
+    x = lhs if lhs_config is None else dequantize(quantize(lhs, lhs_qp, lhs_config))
+    return conv(x, dequantize(wq).astype(x.dtype)).astype(out_dtype)
+  xq = quantize(lhs, lhs_qp, lhs_config)
+  xi = xq.int_values().astype(jnp.int16) - xq.zero_point.astype(jnp.int16)
+  wi = wq.int_values().astype(jnp.int16)
+  if not wq.config.symmetric:
+    wi = wi - wq.zero_point.astype(jnp.int16)
+  acc = conv(xi, wi, preferred_element_type=jnp.int32)
+  dn = lax.conv_dimension_numbers(lhs.shape, wq.shape, dimension_numbers)
+  out_feature, kernel_out = dn.out_spec[1], dn.rhs_spec[0]
+  w_scale = jnp.asarray(wq.scale, jnp.float32)
+  shape = [1] * acc.ndim
+  if w_scale.size > 1:
+    shape[out_feature] = wq.shape[kernel_out]
+    w_scale = jnp.moveaxis(w_scale, kernel_out, 0).reshape(shape)
+  else:
+    w_scale = w_scale.reshape(())
+  scale = jnp.asarray(lhs_qp.scale, jnp.float32).reshape(()) * w_scale
+  return (acc.astype(jnp.float32) * scale).astype(out_dtype)

@@ -117,6 +117,24 @@ class _QuantOperands:
       stats.value = new
     return qp
 
+  def _write_serving(self, rhs, rhs_qp, contracting, lhs_cfg, rhs_cfg, where):
+    """Stores the quantized kernel and the activation's frozen range in the ``serving`` collection.
+
+    ``contracting``: the kernel's contracting axes, for the column sums an
+    asymmetric activation needs in a dot; None for a conv (which centres the
+    activation instead).
+    """
+    wq = quantize(rhs, rhs_qp, rhs_cfg)
+    self.put_variable(SERVE, "rhs", common.serving_weight(wq, contracting or (), lhs_cfg if contracting else None))
+    if lhs_cfg is None or lhs_cfg.per_channel or lhs_cfg.group_size is not None:
+      return  # weight-only, or activations quantized per token at serving time
+    if common.uses_lsq(lhs_cfg):
+      scale, zp = self.get_variable("params", "lhs_scale"), self.get_variable("params", "lhs_zero_point", None)
+      qp = QParams(scale, zp if zp is not None else jnp.zeros_like(scale))
+    else:
+      qp = common.serving_activation_qparams(self.get_variable(STATS, "lhs"), lhs_cfg, where)
+    self.put_variable(SERVE, "lhs", {"scale": qp.scale, "zero_point": qp.zero_point})
+
   def _rhs_qparams(self, w, config: QatConfig) -> QParams:
     init = qparams_lib.qparams_from_array(lax.stop_gradient(w), config)
     if common.uses_lsq(config):
@@ -215,18 +233,6 @@ class QatDotGeneral(_QuantOperands, nn.Module):
       precision=precision,
       preferred_element_type=preferred_element_type,
     )
-
-  def _write_serving(self, rhs, rhs_qp, contracting, lhs_cfg, rhs_cfg, where):
-    wq = quantize(rhs, rhs_qp, rhs_cfg)
-    self.put_variable(SERVE, "rhs", common.serving_weight(wq, contracting, lhs_cfg))
-    if lhs_cfg is None or lhs_cfg.per_channel or lhs_cfg.group_size is not None:
-      return  # weight-only, or activations quantized per token at serving time
-    if common.uses_lsq(lhs_cfg):
-      scale, zp = self.get_variable("params", "lhs_scale"), self.get_variable("params", "lhs_zero_point", None)
-      qp = QParams(scale, zp if zp is not None else jnp.zeros_like(scale))
-    else:
-      qp = common.serving_activation_qparams(self.get_variable(STATS, "lhs"), lhs_cfg, where)
-    self.put_variable(SERVE, "lhs", {"scale": qp.scale, "zero_point": qp.zero_point})
 
   def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type):
     entry = self.get_variable(SERVE, "rhs")
@@ -338,10 +344,18 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
     )
     if self.mode == "float" or (self.lhs_config is None and self.rhs_config is None):
       return conv(lhs, rhs)
-    rhs_cfg = common.conv_kernel_config(self.rhs_config, lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    where = _where(self)
+    dn = kwargs.get("dimension_numbers")
+    rhs_cfg = common.conv_kernel_config(self.rhs_config, lhs.shape, rhs.shape, dn)
     lhs_cfg = self.lhs_config
     if lhs_cfg is not None and (lhs_cfg.per_channel or lhs_cfg.group_size is not None):
-      raise ValueError(f"{_where(self)}: conv activations are quantized per tensor; got {lhs_cfg}.")
+      raise ValueError(f"{where}: conv activations are quantized per tensor; got {lhs_cfg}.")
+
+    converting = self.is_mutable_collection(SERVE) and not self.is_initializing()
+    if self.has_variable(SERVE, "rhs") and not converting and rhs_cfg is not None:
+      wq = common.weight_from_serving(self.get_variable(SERVE, "rhs"), rhs_cfg, rhs.shape)
+      lhs_qp = QParams(**self.get_variable(SERVE, "lhs")) if self.has_variable(SERVE, "lhs") else None
+      return common.serve_conv(lhs, wq, lhs_qp, lhs_cfg, conv, dn)
 
     if self.is_mutable_collection(CALIB) and not self.is_initializing() and lhs_cfg is not None:
       self._observe(lhs, lhs_cfg)
@@ -351,7 +365,10 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
       lhs_q = fake_quant(lhs, self._lhs_qparams(lhs, lhs_cfg), lhs_cfg)
     rhs_q = rhs
     if rhs_cfg is not None:
-      rhs_q = fake_quant(rhs, self._rhs_qparams(rhs, rhs_cfg), rhs_cfg)
+      rhs_qp = self._rhs_qparams(rhs, rhs_cfg)
+      if converting:
+        self._write_serving(rhs, rhs_qp, None, lhs_cfg, rhs_cfg, where)
+      rhs_q = fake_quant(rhs, rhs_qp, rhs_cfg)
     return conv(lhs_q, rhs_q)
 
 
