@@ -7,6 +7,7 @@ which prints one JSON line of results; the tests below assert on it.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -172,8 +173,7 @@ def test_serving_specs_with_mesh_axis_specs():
 # --- eight simulated devices, in one subprocess ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sharded():
+def _run_eight_devices() -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
@@ -185,6 +185,21 @@ def sharded():
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory):
+  # Under pytest-xdist every worker has its own session; the first to take the
+  # lock runs the subprocess and leaves its result for the others in the run's
+  # shared temporary directory.
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  result = shared / "eight_devices.json"
+  with open(shared / "eight_devices.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result.exists():
+      result.write_text(json.dumps(_run_eight_devices()))
+  return json.loads(result.read_text())
 
 
 def test_eight_devices(sharded):
