@@ -43,6 +43,7 @@ from jqat._src.qtensor import dequantize as dequantize
 from jqat._src.qtensor import pack_int4 as pack_int4
 from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
+from jqat._src.rules import Rule as Rule
 from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
 from jqat._src.sharding import serving_partition_specs as serving_partition_specs
 
@@ -70,6 +71,7 @@ __all__ = (
     "QuantBits",
     "QuantizationSpec",
     "RangeState",
+    "Rule",
     "accumulator_bound",
     "all_reduce_stats",
     "array_range",
