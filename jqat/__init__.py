@@ -1,6 +1,12 @@
 """jqat: quantization-aware training and integer inference for JAX and Flax."""
 
 from jqat._src.calibration.histogram import HistogramState as HistogramState
+from jqat._src.calibration.moments import MomentsState as MomentsState
+from jqat._src.calibration.moments import moments_all_reduce as moments_all_reduce
+from jqat._src.calibration.moments import moments_init as moments_init
+from jqat._src.calibration.moments import moments_mean_abs as moments_mean_abs
+from jqat._src.calibration.moments import moments_merge as moments_merge
+from jqat._src.calibration.moments import moments_update as moments_update
 from jqat._src.calibration.range_stats import MovingAverageState as MovingAverageState
 from jqat._src.calibration.range_stats import RangeState as RangeState
 from jqat._src.calibration.search import entropy_amax as entropy_amax
@@ -64,6 +70,7 @@ __all__ = (
     "Estimator",
     "HistogramState",
     "MIN_SCALE",
+    "MomentsState",
     "MovingAverageState",
     "QParams",
     "QTensor",
@@ -90,6 +97,11 @@ __all__ = (
     "lsq_grad_scale",
     "merge",
     "merge_stats",
+    "moments_all_reduce",
+    "moments_init",
+    "moments_mean_abs",
+    "moments_merge",
+    "moments_update",
     "mse_amax",
     "nonfinite_count",
     "observe",
