@@ -37,6 +37,7 @@ from jqat._src.int_ops import int_dot_general as int_dot_general
 from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
+from jqat._src.ptq.gptq import gptq as gptq
 from jqat._src.qat_dot import qat_dot_general as qat_dot_general
 from jqat._src.qparams import MIN_SCALE as MIN_SCALE
 from jqat._src.qparams import QParams as QParams
@@ -89,6 +90,7 @@ __all__ = (
     "fake_quant",
     "finalize",
     "finalize_stats",
+    "gptq",
     "init_stats",
     "init_tree",
     "int_dot_accumulator",
