@@ -38,6 +38,7 @@ from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
 from jqat._src.ptq.gptq import gptq as gptq
+from jqat._src.ptq.smoothquant import smooth_quant_scales as smooth_quant_scales
 from jqat._src.qat_dot import qat_dot_general as qat_dot_general
 from jqat._src.qparams import MIN_SCALE as MIN_SCALE
 from jqat._src.qparams import QParams as QParams
@@ -116,6 +117,7 @@ __all__ = (
     "qtensor_partition_spec",
     "quantize",
     "serving_partition_specs",
+    "smooth_quant_scales",
     "unpack_int4",
     "update_stats",
     "weight_only_matmul",

@@ -49,7 +49,7 @@ from jax.typing import ArrayLike
 from jqat._src.calibration.moments import MomentsState
 from jqat._src.config import QatConfig
 from jqat._src.fake_quant import fake_quant
-from jqat._src.qparams import QParams, qparams_from_array
+from jqat._src.qparams import QParams, qparams_from_array, qparams_from_range
 from jqat._src.qtensor import QTensor, quantize
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -64,20 +64,21 @@ def _row_config(config: QatConfig) -> QatConfig:
   return config.replace(group_size=None, group_axis=0, channel_axis=-1)
 
 
-def _check_config(config: QatConfig, shape) -> None:
+def check_kernel_config(config: QatConfig, shape, who: str, *, allow_float: bool = False) -> None:
+  """Errors for a config that cannot quantize an ``(in, out)`` kernel row by row."""
   if not isinstance(config, QatConfig):
     raise TypeError(f"config must be a jqat.QatConfig, got {type(config).__name__}")
-  if config.bits.is_float:
-    raise ValueError(f"gptq needs an integer format ('int2' .. 'int8'), got bits={config.bits.value!r}")
+  if config.bits.is_float and not allow_float:
+    raise ValueError(f"{who} needs an integer format ('int2' .. 'int8'), got bits={config.bits.value!r}")
   if config.per_channel and tuple(a % 2 for a in config.channel_axes) != (1,):
     raise ValueError(
-      f"gptq quantizes per output feature: channel_axis must be -1 (or 1) of the (in, out) kernel, got "
+      f"{who} quantizes per output feature: channel_axis must be -1 (or 1) of the (in, out) kernel, got "
       f"channel_axis={config.channel_axis!r}"
     )
   if config.group_size is not None:
     if config.group_axis % 2 != 0:
       raise ValueError(
-        f"gptq groups the input features: group_axis must be 0 of the (in, out) kernel, got {config.group_axis}"
+        f"{who} groups the input features: group_axis must be 0 of the (in, out) kernel, got {config.group_axis}"
       )
     if shape[0] % config.group_size:
       raise ValueError(
@@ -173,7 +174,7 @@ def gptq(
     raise ValueError(f"block_size={block_size!r} is invalid; allowed: a positive int")
   if not isinstance(act_order, bool):
     raise ValueError(f"act_order={act_order!r} is invalid; allowed: True, False")
-  _check_config(config, kernel.shape)
+  check_kernel_config(config, kernel.shape, "gptq")
   for name, a in (("kernel", kernel), ("Hessian", hessian)):
     if _concrete(a) and not bool(jnp.isfinite(a).all()):
       raise ValueError(f"the {name} holds NaN or Inf")
@@ -221,7 +222,8 @@ def _gptq(kernel, hessian, damp, *, config: QatConfig, block_size: int, act_orde
   elif gs is not None:
     # Filled group by group during the loop; groups past K (padding) stay at the smallest scale.
     nc = n if config.per_channel else 1
-    params = qparams_from_array(jnp.zeros((kp, nc), cd), config.replace(channel_axis=-1))
+    empty = jnp.zeros((kp // gs, nc), cd)
+    params = qparams_from_range(empty, empty, row_cfg)
 
   if act_order:
     perm = jnp.argsort(-jnp.diagonal(h), stable=True)
