@@ -37,6 +37,7 @@ from jqat._src.int_ops import int_dot_general as int_dot_general
 from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
+from jqat._src.ptq.awq import awq as awq
 from jqat._src.ptq.gptq import gptq as gptq
 from jqat._src.ptq.smoothquant import smooth_quant_scales as smooth_quant_scales
 from jqat._src.qat_dot import qat_dot_general as qat_dot_general
@@ -84,6 +85,7 @@ __all__ = (
     "accumulator_bound",
     "all_reduce_stats",
     "array_range",
+    "awq",
     "calibrate_model",
     "dequantize",
     "entropy_amax",
