@@ -54,7 +54,7 @@ from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
 from jqat._src.rules import Rule as Rule
 from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
-from jqat._src.sharding import serving_partition_specs as serving_partition_specs
+from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __version__ = "0.1.0"
 

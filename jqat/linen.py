@@ -7,6 +7,7 @@ from jqat._src.flax.linen import QatDotGeneral as QatDotGeneral
 from jqat._src.flax.linen import calibrate as calibrate
 from jqat._src.flax.linen import convert as convert
 from jqat._src.flax.linen import freeze as freeze
+from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __all__ = (
   "QatConv",
@@ -16,4 +17,5 @@ __all__ = (
   "calibrate",
   "convert",
   "freeze",
+  "serving_partition_specs",
 )

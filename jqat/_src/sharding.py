@@ -15,11 +15,13 @@ layer needs to know about the mesh:
   ``pmax``), which is exact, so the merged state and its QParams are
   bit-identical to one device observing the whole batch.
 * Serving: a ``QTensor``'s ``values`` take the float kernel's
-  ``PartitionSpec``; its ``scale`` and ``zero_point`` (and the column sums of
-  serving variables) take it on the axes where they keep one entry per
-  channel or group, and are replicated on reduced axes. Sub-byte values are
-  packed two rows per byte along axis 0 (``PACK_AXIS``), so a shard along that
-  axis must hold an even number of rows: shards then split on whole bytes.
+  ``PartitionSpec``; its ``scale`` and ``zero_point`` take it on the axes
+  where they keep one entry per channel or group, and are replicated on
+  reduced axes. Sub-byte values are packed two rows per byte along axis 0
+  (``PACK_AXIS``), so a shard along that axis must hold an even number of
+  rows: shards then split on whole bytes. The specs of a Flax model's serving
+  variables are ``jqat.serving_partition_specs`` (``jqat._src.flax.sharding``),
+  built on these.
 
 Layers run under the default ``Auto`` mesh axes (sharding propagated by XLA),
 e.g. ``jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)``.
@@ -32,18 +34,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import QatConfig
 from jqat._src.qtensor import PACK_AXIS, QTensor
 
-SERVE = "serving"
-PARAMS = "params"
 
-
-def _axis_sizes(mesh) -> dict[str, int] | None:
+def axis_sizes(mesh) -> dict[str, int] | None:
   """Mesh axis sizes by name: from a ``Mesh``, an ``AbstractMesh``, a mapping, or the current mesh."""
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
@@ -53,7 +51,7 @@ def _axis_sizes(mesh) -> dict[str, int] | None:
   return dict(mesh.shape)
 
 
-def _num_shards(entry, sizes: dict[str, int] | None, where: str) -> int | None:
+def num_shards(entry, sizes: dict[str, int] | None, where: str) -> int | None:
   """How many pieces one ``PartitionSpec`` entry cuts an axis into; None when no mesh says."""
   if entry is None:
     return 1
@@ -66,14 +64,14 @@ def _num_shards(entry, sizes: dict[str, int] | None, where: str) -> int | None:
   return math.prod(sizes[n] for n in names)
 
 
-def _padded(spec: PartitionSpec | Sequence | None, ndim: int, where: str) -> tuple:
+def padded_entries(spec: PartitionSpec | Sequence | None, ndim: int, where: str) -> tuple:
   entries = tuple(spec) if spec is not None else ()
   if len(entries) > ndim:
     raise ValueError(f"{where}: the PartitionSpec {PartitionSpec(*entries)} has more entries than the {ndim} axes")
   return entries + (None,) * (ndim - len(entries))
 
 
-def _param_spec(kernel_entries: tuple, param_shape, sizes, where: str) -> PartitionSpec:
+def param_spec(kernel_entries: tuple, param_shape, sizes, where: str) -> PartitionSpec:
   """The spec of a per-channel or per-group parameter of a kernel sharded as ``kernel_entries``.
 
   An axis of size 1 (reduced) is replicated; an axis that keeps one entry per
@@ -90,17 +88,17 @@ def _param_spec(kernel_entries: tuple, param_shape, sizes, where: str) -> Partit
     )
   out = []
   for entry, n in zip(kernel_entries, param_shape):
-    shards = _num_shards(entry, sizes, where)
+    shards = num_shards(entry, sizes, where)
     out.append(entry if n != 1 and entry is not None and (shards is None or n % shards == 0) else None)
   return PartitionSpec(*out)
 
 
-def _check_packed(entries: tuple, length: int, rows_per_unit: int, what: str, sizes, where: str) -> None:
+def check_packed(entries: tuple, length: int, rows_per_unit: int, what: str, sizes, where: str) -> None:
   """Raises unless the shards of axis 0 hold whole bytes: ``length`` units of ``rows_per_unit`` rows each."""
   entry = entries[PACK_AXIS]
   if entry is None:
     return
-  shards = _num_shards(entry, sizes, where)
+  shards = num_shards(entry, sizes, where)
   if shards is None:
     raise ValueError(
       f"{where}: packed sub-byte values are sharded along axis {PACK_AXIS} ({entry!r}); pass mesh= (or run "
@@ -168,100 +166,9 @@ def qtensor_partition_spec(
   """
   where = "qtensor_partition_spec"
   shape = tuple(int(d) for d in shape)
-  entries = _padded(kernel_spec, len(shape), where)
-  sizes = _axis_sizes(mesh)
+  entries = padded_entries(kernel_spec, len(shape), where)
+  sizes = axis_sizes(mesh)
   if config.bits.is_packed and shape:
-    _check_packed(entries, shape[PACK_AXIS], 1, "rows", sizes, where)
-  pspec = _param_spec(entries, qparams_lib.params_shape(shape, config), sizes, where)
+    check_packed(entries, shape[PACK_AXIS], 1, "rows", sizes, where)
+  pspec = param_spec(entries, qparams_lib.params_shape(shape, config), sizes, where)
   return QTensor(PartitionSpec(*entries), pspec, pspec, config, shape)
-
-
-def _names(path) -> tuple:
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(getattr(k, attr))
-        break
-  return tuple(out)
-
-
-def serving_partition_specs(
-  variables: Mapping,
-  specs: Mapping,
-  *,
-  mesh: Any = None,
-  rules: Sequence[tuple[str, Any]] | None = None,
-):
-  """``PartitionSpec``s for serving variables (from ``jqat.linen.convert``), from the QAT variables' specs.
-
-  Every quantized kernel in the ``serving`` collection,
-  ``serving/<layer>/<quant>/rhs/{values, scale, zero_point, sums}``, follows
-  the float kernel it was made from, ``params/<layer>/kernel``: ``values``
-  take the kernel's spec (checked to split packed sub-byte values on whole
-  bytes); ``scale``, ``zero_point`` and ``sums`` take it on their per-channel
-  (or per-group) axes and are replicated on reduced ones, so the column sums
-  follow the output axis. Activation ranges (``serving/.../lhs``) are
-  replicated scalars. Every other variable keeps the spec it has in
-  ``specs`` (``P()``, replicated, when it has none).
-
-  Args:
-    variables: serving variables, arrays or ``jax.ShapeDtypeStruct``s (e.g.
-      ``jax.eval_shape(jqat.linen.convert, ...)``).
-    specs: ``PartitionSpec``s of the QAT variables, collections at the top
-      (``nn.get_partition_spec(qat_variables)``); only ``params`` is required.
-    mesh: a ``Mesh``, ``AbstractMesh`` or mapping of axis sizes, as for
-      ``qtensor_partition_spec``; by default the current mesh.
-    rules: Flax logical axis rules; when given, ``specs`` hold logical axis
-      names (``nn.with_logical_partitioning``) and are mapped to mesh axes
-      with ``nn.logical_to_mesh``.
-
-  Returns:
-    A tree shaped as ``variables`` with a ``PartitionSpec`` per array.
-
-  Raises:
-    ValueError: when a quantized kernel has no float kernel in
-      ``specs["params"]``, or a spec splits packed bytes.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, jqat
-    >>> init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
-    >>> layer = jqat.linen.QatDense(8, kernel_init=init)
-    >>> x = jnp.ones((2, 4))
-    >>> qat = layer.init(jax.random.key(0), x)
-    >>> specs = nn.get_partition_spec(qat)
-    >>> served = jax.eval_shape(lambda v: jqat.linen.convert(layer, v, x), nn.meta.unbox(qat))
-    >>> out = jqat.serving_partition_specs(served, specs, mesh={"model": 2}, rules=[("mlp", "model")])
-    >>> rhs = out["serving"]["quant"]["rhs"]
-    >>> rhs["values"], rhs["scale"], rhs["sums"]
-    (P(None, 'model'), P(None, 'model'), P(None, 'model'))
-  """
-  if rules is not None:
-    import flax.linen as nn  # only for logical axis names
-
-    specs = nn.logical_to_mesh(specs, rules)
-  is_spec = lambda s: isinstance(s, PartitionSpec)
-  flat_specs = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]}
-  sizes = _axis_sizes(mesh)
-
-  def spec_of(path, leaf):
-    names = _names(path)
-    shape = tuple(getattr(leaf, "shape", ()))
-    if len(names) >= 4 and names[0] == SERVE and names[-2] == "rhs":
-      where = "serving_partition_specs: /" + "/".join(map(str, names))
-      layer = names[1:-3]
-      kernel = (PARAMS, *layer, "kernel")
-      if kernel not in flat_specs:
-        raise ValueError(f"{where}: no float kernel spec at /{'/'.join(map(str, kernel))} in specs")
-      entries = _padded(flat_specs[kernel], len(shape), where)
-      if names[-1] == "values":
-        if shape and jnp.dtype(leaf.dtype) == jnp.uint8:  # packed sub-byte values: two rows per byte
-          _check_packed(entries, shape[PACK_AXIS], 2, "bytes (two rows each)", sizes, where)
-        return PartitionSpec(*entries)
-      return _param_spec(entries, shape, sizes, where)
-    if names and names[0] == SERVE:
-      return PartitionSpec()
-    spec = flat_specs.get(names)
-    return spec if spec is not None else PartitionSpec()
-
-  return jax.tree_util.tree_map_with_path(spec_of, variables)

@@ -5,10 +5,13 @@ Everything here is a pure function; the layers only decide where the state lives
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jqat._src import int_ops
@@ -16,9 +19,10 @@ from jqat._src import qparams as qparams_lib
 from jqat._src.calibration import range_stats
 from jqat._src.calibration import stats as calibration
 from jqat._src.config import CalibMethod, Estimator, QatConfig
+from jqat._src.formats import QuantBits
 from jqat._src.qat_dot import qat_dot_general
 from jqat._src.qparams import QParams
-from jqat._src.qtensor import QTensor, dequantize, quantize
+from jqat._src.qtensor import PACK_AXIS, QTensor, dequantize, quantize
 
 # Weights: int8, symmetric, one scale per output channel (the standard for
 # weights; asymmetric weights only add work to the integer dot).
@@ -27,12 +31,52 @@ DEFAULT_WEIGHT_CONFIG = QatConfig(bits="int8", per_channel=True, symmetric=True)
 # 256 levels instead of half of them).
 DEFAULT_ACTIVATION_CONFIG = QatConfig(bits="int8", per_channel=False, symmetric=False)
 
-MODES = ("float", "qat", "serve")
+# One vocabulary for linen and NNX. Serving is not a mode: a layer serves when
+# it holds serving variables (after ``convert``).
+MODES = ("float", "calibrate", "qat")
 
 
-def check_mode(mode: str, where: str) -> None:
+def check_mode(mode: str, where: str) -> str:
+  """Validates a layer's ``mode`` and returns it; ``"serve"`` is a deprecated alias of ``"qat"``."""
+  if mode == "serve":
+    warnings.warn(
+      f"{where}: mode='serve' is deprecated and behaves as 'qat'; a layer serves when it holds serving "
+      "variables (from convert), whatever its mode.",
+      DeprecationWarning,
+      stacklevel=3,
+    )
+    return "qat"
   if mode not in MODES:
     raise ValueError(f"{where}: mode={mode!r} is invalid; allowed: {', '.join(map(repr, MODES))}.")
+  return mode
+
+
+def as_config(value, default: QatConfig, field: str, where: str) -> QatConfig | None:
+  """A layer's ``weight_config`` / ``activation_config``: a ``QatConfig``, None, or a format name.
+
+  A format name (``"int4"``, ``"fp8_e4m3"``) is shorthand for the layer's
+  default config with those bits (symmetric for fp8, which has no zero point).
+  """
+  if value is None or isinstance(value, QatConfig):
+    return value
+  if isinstance(value, (str, QuantBits)):
+    try:
+      bits = QuantBits(value)
+    except ValueError:
+      allowed = ", ".join(repr(b.value) for b in QuantBits)
+      raise ValueError(
+        f"{where}: {field}={value!r} is not a format name; allowed: {allowed}, a QatConfig, or None."
+      ) from None
+    return default.replace(bits=bits, **({"symmetric": True, "narrow_range": False} if bits.is_float else {}))
+  raise TypeError(
+    f"{where}: {field} must be a jqat.QatConfig, a format name such as 'int4', or None; "
+    f"got {type(value).__name__} {value!r}."
+  )
+
+
+def is_dynamic(config: QatConfig | None) -> bool:
+  """Whether an activation config takes its range from each batch (per token or per group), never from statistics."""
+  return config is not None and (config.per_channel or config.group_size is not None)
 
 
 def free_axes(ndim: int, contracting, batch) -> tuple[int, ...]:
@@ -161,21 +205,38 @@ def quantized_dot_general(
   kernel is quantized with its own range (so it never clips), and so is a
   per-token activation; their all-ones STE masks are skipped.
   """
-  del out_sharding  # the output follows the operands' shardings
   lhs_own_range = lhs_config is not None and (lhs_config.per_channel or lhs_config.group_size is not None)
-  return qat_dot_general(
-    lhs,
-    rhs,
-    dimension_numbers,
-    lhs_qp,
-    rhs_qp,
-    lhs_config=lhs_config,
-    rhs_config=rhs_config,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-    lhs_may_clip=not lhs_own_range,
-    rhs_may_clip=False,
-  )
+
+  def dot(lhs, rhs, lhs_qp, rhs_qp):
+    return qat_dot_general(
+      lhs,
+      rhs,
+      dimension_numbers,
+      lhs_qp,
+      rhs_qp,
+      lhs_config=lhs_config,
+      rhs_config=rhs_config,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      lhs_may_clip=not lhs_own_range,
+      rhs_may_clip=False,
+    )
+
+  return with_out_sharding(dot, out_sharding)(lhs, rhs, lhs_qp, rhs_qp)
+
+
+def with_out_sharding(fn, out_sharding):
+  """``fn`` with its result placed as ``out_sharding``, as ``lax.dot_general(..., out_sharding=)`` does.
+
+  On a mesh with Explicit axes a dot whose contracting axis is sharded needs
+  an output sharding (a row-parallel layer). The quantized dot is several
+  operations, so it runs with the mesh's axes made automatic
+  (``jax.sharding.auto_axes``) and its result takes ``out_sharding``: the same
+  placement, and the same collectives, as the float dot. None: ``fn`` itself.
+  """
+  if out_sharding is None:
+    return fn
+  return jax.sharding.auto_axes(fn, out_sharding=out_sharding)
 
 
 def uses_lsq(config: QatConfig | None) -> bool:
@@ -196,43 +257,212 @@ def dot_shape_error(where: str, lhs_shape, rhs_shape, dimension_numbers) -> Valu
 # --- serving -------------------------------------------------------------------
 
 
+_BITS = tuple(QuantBits)
+
+
+def weight_layout(config: QatConfig, shape) -> np.ndarray:
+  """The format and layout of a quantized kernel as a small int32 array, kept beside its values.
+
+  ``[bits, symmetric, narrow_range, per_channel, group_size (0: none),
+  packing axis (-1: not packed), ndim, *shape]``. Variables stay plain
+  arrays (``flax.serialization``, Orbax), yet say what they hold, so that
+  variables applied to, or restored into, a layer of another format or width
+  fail loudly instead of serving wrong numbers.
+  """
+  shape = tuple(int(d) for d in shape)
+  return np.array(
+    [
+      _BITS.index(config.bits),
+      config.symmetric,
+      config.narrow_range,
+      config.per_channel,
+      config.group_size or 0,
+      PACK_AXIS if config.bits.is_packed else -1,
+      len(shape),
+      *shape,
+    ],
+    np.int32,
+  )
+
+
+def describe_layout(code) -> str:
+  """``weight_layout`` in words: ``"int4 symmetric per-channel kernel of shape (64, 10)"``."""
+  code = [int(c) for c in np.asarray(code).reshape(-1)]
+  if len(code) < 7 or not 0 <= code[0] < len(_BITS) or len(code) != 7 + code[6]:
+    return f"an unreadable layout {code}"
+  bits, symmetric, narrow, per_channel, group, _, _ = code[:7]
+  words = [_BITS[bits].value, "symmetric" if symmetric else "asymmetric"]
+  if narrow:
+    words.append("narrow-range")
+  words.append(f"per-group ({group})" if group else "per-channel" if per_channel else "per-tensor")
+  return " ".join(words) + f" kernel of shape {tuple(code[7:])}"
+
+
+def _describe_entry(entry) -> str:
+  layout = entry.get("layout") if isinstance(entry, dict) else None
+  try:
+    if layout is not None:
+      return describe_layout(np.asarray(layout))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    pass
+  values = entry.get("values") if hasattr(entry, "get") else None
+  if values is None:
+    return f"no quantized kernel (keys {sorted(entry) if hasattr(entry, 'keys') else type(entry).__name__})"
+  return f"values of dtype {jnp.dtype(values.dtype).name} and shape {tuple(values.shape)}"
+
+
+def _stored_shape(config: QatConfig, shape: tuple) -> tuple:
+  if config.bits.is_packed and shape:
+    return ((shape[PACK_AXIS] + 1) // 2,) + shape[PACK_AXIS + 1 :]
+  return shape
+
+
 def serving_weight(wq: QTensor, contracting, lhs_config: QatConfig | None) -> dict:
-  """The serving variables of a quantized kernel: values, scale, zero point and, when needed, sums.
+  """The serving variables of a quantized kernel: values, scale, zero point, layout and, when needed, sums.
 
   The column sums of the integer kernel are what the zero point of an
   asymmetric activation multiplies; they depend on the kernel alone, so they
-  are computed once here instead of at every call.
+  are computed once here instead of at every call. ``layout`` is
+  ``weight_layout`` of the kernel.
   """
-  entry = {"values": wq.values, "scale": wq.scale, "zero_point": wq.zero_point}
+  entry = {
+    "values": wq.values,
+    "scale": wq.scale,
+    "zero_point": wq.zero_point,
+    "layout": jnp.asarray(weight_layout(wq.config, wq.shape)),
+  }
   if lhs_config is not None and not lhs_config.symmetric and not wq.config.bits.is_float:
     entry["sums"] = int_ops.weight_sums(wq, tuple(contracting))
   return entry
 
 
-def weight_from_serving(entry, config: QatConfig, shape) -> QTensor:
-  return QTensor(entry["values"], entry["scale"], entry["zero_point"], config, tuple(shape), jnp.dtype(jnp.float32))
+def weight_from_serving(entry, config: QatConfig, shape, where: str = "serving variables") -> QTensor:
+  """The ``QTensor`` of a kernel's serving variables, checked against what the layer expects.
+
+  Dtypes and shapes are checked always (they are static under ``jit``). The
+  recorded ``layout`` is compared when it is concrete; under ``jit`` a
+  mismatch that shapes cannot show (e.g. symmetric against asymmetric) makes
+  the scale, and so the output, NaN.
+
+  Raises:
+    ValueError: naming ``where``, what the variables hold and what the layer
+      expects, when they disagree.
+  """
+  shape = tuple(int(d) for d in shape)
+  expected = weight_layout(config, shape)
+
+  def mismatch():
+    return ValueError(
+      f"{where}: the serving variables hold {_describe_entry(entry)}, but the layer expects "
+      f"{describe_layout(expected)} (values {config.bits.storage_dtype.name} of shape {_stored_shape(config, shape)}). "
+      "Convert the model again with this configuration, or build the layer with the one the variables were "
+      "converted with."
+    )
+
+  if not hasattr(entry, "get") or any(k not in entry for k in ("values", "scale", "zero_point")):
+    raise mismatch()
+  values, scale = entry["values"], entry["scale"]
+  pshape = qparams_lib.params_shape(shape, config)
+  if (
+    jnp.dtype(values.dtype) != config.bits.storage_dtype
+    or tuple(values.shape) != _stored_shape(config, shape)
+    or tuple(jnp.shape(scale)) != pshape
+    or tuple(jnp.shape(entry["zero_point"])) != pshape
+  ):
+    raise mismatch()
+  layout = entry.get("layout")
+  if layout is not None:
+    if tuple(jnp.shape(layout)) != expected.shape:
+      raise mismatch()
+    try:
+      same = bool(np.array_equal(np.asarray(layout), expected))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      scale = jnp.where(jnp.all(layout == expected), scale, jnp.nan)
+    else:
+      if not same:
+        raise mismatch()
+  return QTensor(values=values, scale=scale, zero_point=entry["zero_point"], config=config, shape=shape)
 
 
-def serving_activation_qparams(stats: ActivationStats, config: QatConfig, where: str) -> QParams:
+def activation_layout(config: QatConfig) -> np.ndarray:
+  """The format of a frozen activation range: ``[bits, symmetric, narrow_range]``."""
+  return np.array([_BITS.index(config.bits), config.symmetric, config.narrow_range], np.int32)
+
+
+def serving_activation(qp: QParams, config: QatConfig) -> dict:
+  """The serving variables of a frozen activation range: scale, zero point and format."""
+  return {"scale": qp.scale, "zero_point": qp.zero_point, "layout": jnp.asarray(activation_layout(config))}
+
+
+def activation_from_serving(entry, config: QatConfig | None, where: str) -> QParams | None:
+  """The frozen activation QParams of serving variables, checked against the layer's activation config.
+
+  ``entry`` is None for a weight-only or per-token layer. Raises (naming
+  ``where``) when the variables hold a frozen range and the layer expects
+  none, or the other way round, or the formats differ.
+  """
+  static = config is not None and not is_dynamic(config)
+  expects = "no frozen activation range" if not static else f"a frozen {config.bits.value} activation range"
+  if entry is None and not static:
+    return None
+  holds = "no frozen activation range" if entry is None else "a frozen activation range"
+  if entry is None or not static:
+    raise ValueError(
+      f"{where}: the serving variables hold {holds}, but the layer expects {expects} (activation_config="
+      f"{config}). Convert the model again with this configuration."
+    )
+  layout = entry.get("layout")
+  if layout is not None:
+    expected = activation_layout(config)
+    try:
+      held = np.asarray(layout)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      held = None
+    if held is not None and not np.array_equal(held, expected):
+      desc = f"{_BITS[int(held[0])].value} {'symmetric' if held[1] else 'asymmetric'}" if held.size == 3 else held
+      raise ValueError(
+        f"{where}: the serving variables hold a frozen {desc} activation range, but the layer expects "
+        f"{config.bits.value} {'symmetric' if config.symmetric else 'asymmetric'}. Convert the model again."
+      )
+  return QParams(entry["scale"], entry["zero_point"])
+
+
+def _no_range_error(where: str) -> ValueError:
+  return ValueError(
+    f"{where}: no activation range to serve with; calibrate the model (jqat.linen.calibrate) or train it with "
+    "'quant_stats' mutable before converting."
+  )
+
+
+def _check_seen(where: str, seen):
+  if not bool(seen):
+    raise _no_range_error(where)
+  return np.asarray(True)
+
+
+def serving_activation_qparams(stats: ActivationStats | None, config: QatConfig, where: str) -> QParams:
   """The frozen range, or else the moving average, of an activation, for serving.
 
   Raises when neither exists: serving from the first batch's range would
-  silently differ from what the model was trained with.
+  silently differ from what the model was trained with. Under ``jax.jit``
+  (e.g. ``jit(convert)``) the check runs with the computation, which then
+  fails with the same message (wrapped in a ``JaxRuntimeError``), and the
+  scale it would have returned is NaN, never a plausible number.
   """
+  if stats is None:
+    raise _no_range_error(where)
   seen = jnp.logical_or(stats.frozen, stats.ema.count > 0)
   try:
     ok = bool(seen)
   except jax.errors.ConcretizationTypeError:
-    ok = True  # traced: checked when convert runs eagerly
-  if not ok:
-    raise ValueError(
-      f"{where}: no activation range to serve with; calibrate the model or train it with 'quant_stats' "
-      "mutable before converting."
-    )
+    seen = jax.pure_callback(functools.partial(_check_seen, where), jax.ShapeDtypeStruct((), jnp.bool_), seen)
+  else:
+    if not ok:
+      raise _no_range_error(where)
   ema_qp = calibration.finalize_stats(stats.ema, config, CalibMethod.MOVING_AVERAGE)
   scale = jnp.where(stats.frozen, stats.scale, ema_qp.scale.reshape(()))
   zero_point = jnp.where(stats.frozen, stats.zero_point, ema_qp.zero_point.reshape(()))
-  return QParams(scale, zero_point)
+  return QParams(jnp.where(seen, scale, jnp.nan), zero_point)
 
 
 def serve_dot_general(
@@ -244,6 +474,7 @@ def serve_dot_general(
   *,
   rhs_sums=None,
   preferred_element_type=None,
+  out_sharding=None,
 ) -> jax.Array:
   """Serving forward: int8 (or fp8) activations times the quantized kernel, or weight-only.
 
@@ -252,7 +483,18 @@ def serve_dot_general(
     with ``int_dot_general`` (int32 accumulation, one rescale).
   * ``lhs_config`` None: weight-only; float activations times the integer
     kernel converted next to the dot, the scale applied to the result.
+
+  ``out_sharding`` places the result as ``lax.dot_general``'s does (see
+  ``with_out_sharding``).
   """
+  if out_sharding is not None:
+
+    def serve(lhs, wq, lhs_qp, rhs_sums):
+      return serve_dot_general(
+        lhs, wq, dimension_numbers, lhs_qp, lhs_config, rhs_sums=rhs_sums, preferred_element_type=preferred_element_type
+      )
+
+    return with_out_sharding(serve, out_sharding)(lhs, wq, lhs_qp, rhs_sums)
   out_dtype = preferred_element_type or lhs.dtype
   (lc, rc), (lb, rb) = dimension_numbers
   if lhs_config is None:

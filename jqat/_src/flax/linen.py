@@ -12,18 +12,34 @@ Collections:
   * ``quant_stats``: activation ranges (moving average, or frozen by
     calibration). Updated only when the collection is mutable and the module
     is not initializing, as ``nn.BatchNorm`` does with ``batch_stats``.
-  * ``quant_calib``: calibration statistics. When this collection is mutable,
-    layers observe their float inputs into it and compute in float.
+  * ``quant_calib``: calibration statistics. When this collection is mutable
+    (or a layer has ``mode="calibrate"``), layers observe their float inputs
+    into it and compute in float.
+  * ``serving``: written by ``convert``: quantized kernels with their format
+    and layout, and frozen activation ranges. A layer that holds serving
+    variables serves from them, whatever its mode.
+
+Modes (``common.MODES``, shared with NNX): ``"float"`` (no quantization; the
+layer keeps its float kernel through ``convert``), ``"calibrate"`` (float
+compute, inputs observed into ``quant_calib``) and ``"qat"`` (default).
+``"serve"`` is a deprecated alias of ``"qat"``.
+
+Applied with ``{"params": ...}`` alone (no ``quant_stats``, not mutable, as
+``TrainState.apply_fn`` is in flax's examples), a QAT layer quantizes each
+activation with that batch's own range, with the same straight-through
+gradient: exactly what it does before its first statistics exist.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import meta
 from flax.linen import module as _linen_module
@@ -41,13 +57,35 @@ from jqat._src.qtensor import quantize
 STATS = "quant_stats"
 SERVE = "serving"
 OWNS_KERNEL = "owns_kernel"
+KEEPS_FLOAT = "keeps_float"
 CALIB = "quant_calib"
 _BITS = tuple(QuantBits)
 
 
 def _where(module: nn.Module) -> str:
-  path = "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+  if getattr(module, "scope", None) is None:  # not bound yet: at construction
+    return type(module).__name__ + (f" {module.name!r}" if isinstance(module.name, str) else "")
+  path = "/".join(str(p) for p in module.scope.path)
   return f"{type(module).__name__} at '/{path}'"
+
+
+def _check_fields(module: nn.Module, weight_field: str, activation_field: str) -> None:
+  """Validates and normalizes a layer's configs, mode and momentum, at construction.
+
+  A format name is shorthand for the default config with those bits
+  (``weight_config="int4"``); anything else that is not a ``QatConfig`` or
+  None raises ``TypeError``.
+  """
+  where = _where(module)
+  for field, default in (
+    (weight_field, common.DEFAULT_WEIGHT_CONFIG),
+    (activation_field, common.DEFAULT_ACTIVATION_CONFIG),
+  ):
+    object.__setattr__(module, field, common.as_config(getattr(module, field), default, field, where))
+  object.__setattr__(module, "mode", common.check_mode(module.mode, where))
+  m = module.momentum
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+    raise ValueError(f"{where}: momentum={m!r} is invalid; allowed: a number in [0, 1).")
 
 
 def _encode_config(config: QatConfig) -> dict:
@@ -89,7 +127,21 @@ def _autoname_as(module: nn.Module, stock: type) -> None:
 class _QuantOperands:
   """Operand quantization shared by ``QatDotGeneral`` and ``QatConvGeneralDilated``."""
 
-  def _observe(self, x, config: QatConfig):
+  def _calibrating(self) -> bool:
+    """Calibration observes (and computes in float) when asked by mode or by a mutable ``quant_calib``."""
+    if self.is_initializing() or self.is_mutable_collection(SERVE):
+      return False
+    return self.mode == "calibrate" or self.is_mutable_collection(CALIB)
+
+  def _observe(self, x, config: QatConfig | None, where: str) -> None:
+    # Dynamic (per-token) and weight-only activations have no range to calibrate.
+    if config is None or common.is_dynamic(config):
+      return
+    if not self.is_mutable_collection(CALIB):
+      raise ValueError(
+        f"{where}: mode='calibrate' observes activations into the 'quant_calib' collection; apply the model "
+        "with mutable=['quant_calib'] (as jqat.linen.calibrate does)."
+      )
     x = lax.stop_gradient(x)
     calib = self.variable(
       CALIB,
@@ -99,8 +151,7 @@ class _QuantOperands:
         "config": _encode_config(config),
       },
     )
-    if not self.is_initializing():
-      calib.value = {**calib.value, "stats": calibration.update_stats(calib.value["stats"], x)}
+    calib.value = {**calib.value, "stats": calibration.update_stats(calib.value["stats"], x)}
 
   def _lhs_qparams(self, x, config: QatConfig) -> QParams:
     if common.uses_lsq(config):
@@ -108,8 +159,11 @@ class _QuantOperands:
       scale = self.param("lhs_scale", lambda _: init.scale)
       zp = self.param("lhs_zero_point", lambda _: init.zero_point) if not config.symmetric else init.zero_point
       return QParams(scale, zp)
-    if config.per_channel:
+    if common.is_dynamic(config):
       return qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
+    if not self.has_variable(STATS, "lhs") and not self.is_mutable_collection(STATS):
+      # Applied with params alone: the batch's own range, as before the first statistics.
+      return common.activation_qparams(x, None, config, update=False)[0]
     stats = self.variable(STATS, "lhs", common.init_activation_stats, config, self.momentum)
     update = self.is_mutable_collection(STATS) and not self.is_initializing()
     qp, new = common.activation_qparams(x, stats.value, config, update=update)
@@ -126,14 +180,24 @@ class _QuantOperands:
     """
     wq = quantize(rhs, rhs_qp, rhs_cfg)
     self.put_variable(SERVE, "rhs", common.serving_weight(wq, contracting or (), lhs_cfg if contracting else None))
-    if lhs_cfg is None or lhs_cfg.per_channel or lhs_cfg.group_size is not None:
+    if lhs_cfg is None or common.is_dynamic(lhs_cfg):
       return  # weight-only, or activations quantized per token at serving time
     if common.uses_lsq(lhs_cfg):
       scale, zp = self.get_variable("params", "lhs_scale"), self.get_variable("params", "lhs_zero_point", None)
       qp = QParams(scale, zp if zp is not None else jnp.zeros_like(scale))
     else:
       qp = common.serving_activation_qparams(self.get_variable(STATS, "lhs"), lhs_cfg, where)
-    self.put_variable(SERVE, "lhs", {"scale": qp.scale, "zero_point": qp.zero_point})
+    self.put_variable(SERVE, "lhs", common.serving_activation(qp, lhs_cfg))
+
+  def _keeps_float(self) -> None:
+    """Tells ``convert`` that this jqat layer deliberately serves in float (nothing to convert)."""
+    if self.is_mutable_collection(SERVE) and not self.is_initializing():
+      self.put_variable(SERVE, KEEPS_FLOAT, jnp.ones((), bool))
+
+  def _served_weight(self, rhs_cfg, rhs_shape, lhs_cfg, where):
+    wq = common.weight_from_serving(self.get_variable(SERVE, "rhs"), rhs_cfg, rhs_shape, where)
+    lhs_qp = common.activation_from_serving(self.get_variable(SERVE, "lhs", None), lhs_cfg, where)
+    return wq, lhs_qp
 
   def _rhs_qparams(self, w, config: QatConfig) -> QParams:
     init = qparams_lib.qparams_from_array(lax.stop_gradient(w), config)
@@ -174,44 +238,59 @@ class QatDotGeneral(_QuantOperands, nn.Module):
     (2, 4)
   """
 
-  lhs_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
-  rhs_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  lhs_config: QatConfig | str | None = common.DEFAULT_ACTIVATION_CONFIG
+  rhs_config: QatConfig | str | None = common.DEFAULT_WEIGHT_CONFIG
   mode: str = "qat"
   momentum: float = 0.9
+  out_sharding: Any = None
+
+  def __post_init__(self):
+    _check_fields(self, "rhs_config", "lhs_config")
+    super().__post_init__()
 
   @nn.compact
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
     where = _where(self)
-    common.check_mode(self.mode, where)
+    out_sharding = self.out_sharding if out_sharding is None else out_sharding
     lhs = jnp.asarray(lhs)
     # A QatDense serving from converted variables has no float kernel: it
     # passes the kernel's shape alone.
-    rhs_shape = rhs.shape if isinstance(rhs, jax.ShapeDtypeStruct) else jnp.shape(rhs)
+    has_kernel = not isinstance(rhs, jax.ShapeDtypeStruct)
+    rhs_shape = jnp.shape(rhs) if has_kernel else rhs.shape
     err = common.dot_shape_error(where, lhs.shape, rhs_shape, dimension_numbers)
     if err is not None:
       raise err
     (lc, rc), (lb, rb) = dimension_numbers
     lhs_cfg = common.operand_config(self.lhs_config, lhs.ndim, lc, lb)
     rhs_cfg = common.operand_config(self.rhs_config, len(rhs_shape), rc, rb)
-
     converting = self.is_mutable_collection(SERVE) and not self.is_initializing()
-    if self.has_variable(SERVE, "rhs") and not converting and rhs_cfg is not None:
-      return self._serve(lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type)
-    if isinstance(rhs, jax.ShapeDtypeStruct):
+
+    def float_dot(a, b):
+      return lax.dot_general(
+        a,
+        b,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+      )
+
+    if self.mode == "float" or rhs_cfg is None:
+      # Float, or activation-only: the float kernel stays and nothing is served from integers.
+      self._keeps_float()
+      if not has_kernel:
+        raise ValueError(f"{where}: this layer computes with its float kernel, which the variables lack.")
+      if self.mode == "float" or lhs_cfg is None:
+        return float_dot(lhs, rhs)
+    elif self.has_variable(SERVE, "rhs") and not (converting and has_kernel):
+      # Serving; or converting already-converted variables, which keeps them.
+      return self._serve(lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type, out_sharding)
+    if not has_kernel:
       raise ValueError(f"{where}: no kernel and no serving variables; convert the model with jqat.linen.convert.")
     rhs = jnp.asarray(rhs)
 
-    float_dot = functools.partial(
-      lax.dot_general,
-      dimension_numbers=dimension_numbers,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-    )
-    if self.mode == "float" or (lhs_cfg is None and rhs_cfg is None):
-      return float_dot(lhs, rhs)
-
-    if self.is_mutable_collection(CALIB) and not self.is_initializing() and lhs_cfg is not None:
-      self._observe(lhs, lhs_cfg)
+    if self._calibrating():
+      self._observe(lhs, lhs_cfg, where)
       return float_dot(lhs, rhs)
 
     lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
@@ -232,22 +311,21 @@ class QatDotGeneral(_QuantOperands, nn.Module):
       rhs_cfg,
       precision=precision,
       preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding,
     )
 
-  def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type):
-    entry = self.get_variable(SERVE, "rhs")
-    wq = common.weight_from_serving(entry, rhs_cfg, rhs_shape)
-    lhs_qp = None
-    if self.has_variable(SERVE, "lhs"):
-      lhs_qp = QParams(**self.get_variable(SERVE, "lhs"))
+  def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type, out_sharding):
+    where = _where(self)
+    wq, lhs_qp = self._served_weight(rhs_cfg, rhs_shape, lhs_cfg, where)
     return common.serve_dot_general(
       lhs,
       wq,
       dimension_numbers,
       lhs_qp,
       lhs_cfg,
-      rhs_sums=entry.get("sums"),
+      rhs_sums=self.get_variable(SERVE, "rhs").get("sums"),
       preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding,
     )
 
 
@@ -268,21 +346,29 @@ class QatDense(nn.Dense):
     True
   """
 
-  weight_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
-  activation_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  weight_config: QatConfig | str | None = common.DEFAULT_WEIGHT_CONFIG
+  activation_config: QatConfig | str | None = common.DEFAULT_ACTIVATION_CONFIG
   mode: str = "qat"
   momentum: float = 0.9
 
   def __post_init__(self):
+    _check_fields(self, "weight_config", "activation_config")
+    f = self.features
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+      raise TypeError(f"{_where(self)}: features={f!r} is invalid; allowed: a positive int.")
     _autoname_as(self, nn.Dense)
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, inputs):
+  def __call__(self, inputs, out_sharding=None):
+    """Applies the layer; ``out_sharding`` places the output as ``lax.dot_general``'s does (row-parallel layers)."""
     where = _where(self)
     if self.dot_general is not None or self.dot_general_cls is not None:
       raise ValueError(f"{where}: QatDense quantizes through QatDotGeneral; pass dot_general_cls to nn.Dense instead.")
-    inputs = jnp.asarray(inputs)
+    try:
+      inputs = jnp.asarray(inputs)
+    except TypeError:
+      raise TypeError(f"{where}: the input must be an array, got {type(inputs).__name__}.") from None
     if inputs.ndim < 1:
       raise ValueError(f"{where}: the input needs at least one axis, got shape {inputs.shape}.")
     dims = (((inputs.ndim - 1,), (0,)), ((), ()))
@@ -293,14 +379,15 @@ class QatDense(nn.Dense):
       momentum=self.momentum,
       name="quant",
     )
-    if not self.is_initializing() and not self.has_variable("params", "kernel"):
+    quantizes_kernel = self.mode != "float" and self.weight_config is not None
+    if not self.is_initializing() and not self.has_variable("params", "kernel") and quantizes_kernel:
       # Serving: the kernel lives, quantized, in the "serving" collection.
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+      bias = self._serving_bias()
       inputs, bias = self.promote_dtype(inputs, bias, dtype=self.dtype)
       kernel = jax.ShapeDtypeStruct((inputs.shape[-1], self.features), inputs.dtype)
-      y = quant(inputs, kernel, dims, precision=self.precision)
+      y = quant(inputs, kernel, dims, precision=self.precision, out_sharding=out_sharding)
       return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)) if bias is not None else y
-    if self.is_mutable_collection(SERVE) and not self.is_initializing() and self.weight_config is not None:
+    if self.is_mutable_collection(SERVE) and not self.is_initializing() and quantizes_kernel:
       # Tells convert() that this layer's float kernel is not needed to serve.
       self.put_variable(SERVE, OWNS_KERNEL, jnp.ones((), bool))
     if self.has_variable("params", "kernel"):
@@ -313,10 +400,21 @@ class QatDense(nn.Dense):
     kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = quant(inputs, kernel, dims, precision=self.precision)
+    y = quant(inputs, kernel, dims, precision=self.precision, out_sharding=out_sharding)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
+
+  def _serving_bias(self):
+    if not self.use_bias:
+      return None
+    held = self.get_variable("params", "bias")
+    if held is not None and jnp.shape(meta.unbox(held)) != (self.features,):
+      raise ValueError(
+        f"{_where(self)}: the variables hold a bias of shape {jnp.shape(meta.unbox(held))}, but the layer has "
+        f"features={self.features}; restore variables converted from a layer of this width."
+      )
+    return self.param("bias", self.bias_init, (self.features,), self.param_dtype)
 
 
 class QatConvGeneralDilated(_QuantOperands, nn.Module):
@@ -326,14 +424,20 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
   per output feature.
   """
 
-  lhs_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
-  rhs_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
+  lhs_config: QatConfig | str | None = common.DEFAULT_ACTIVATION_CONFIG
+  rhs_config: QatConfig | str | None = common.DEFAULT_WEIGHT_CONFIG
   mode: str = "qat"
   momentum: float = 0.9
 
+  def __post_init__(self):
+    _check_fields(self, "rhs_config", "lhs_config")
+    if common.is_dynamic(self.lhs_config):
+      raise ValueError(f"{_where(self)}: conv activations are quantized per tensor; got lhs_config={self.lhs_config}.")
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
-    common.check_mode(self.mode, _where(self))
+    where = _where(self)
     conv = functools.partial(
       lax.conv_general_dilated,
       window_strides=window_strides,
@@ -342,23 +446,21 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
       rhs_dilation=rhs_dilation,
       **kwargs,
     )
-    if self.mode == "float" or (self.lhs_config is None and self.rhs_config is None):
-      return conv(lhs, rhs)
-    where = _where(self)
+    if self.mode == "float" or self.rhs_config is None:
+      self._keeps_float()
+      if self.mode == "float" or self.lhs_config is None:
+        return conv(lhs, rhs)
     dn = kwargs.get("dimension_numbers")
     rhs_cfg = common.conv_kernel_config(self.rhs_config, lhs.shape, rhs.shape, dn)
     lhs_cfg = self.lhs_config
-    if lhs_cfg is not None and (lhs_cfg.per_channel or lhs_cfg.group_size is not None):
-      raise ValueError(f"{where}: conv activations are quantized per tensor; got {lhs_cfg}.")
 
     converting = self.is_mutable_collection(SERVE) and not self.is_initializing()
     if self.has_variable(SERVE, "rhs") and not converting and rhs_cfg is not None:
-      wq = common.weight_from_serving(self.get_variable(SERVE, "rhs"), rhs_cfg, rhs.shape)
-      lhs_qp = QParams(**self.get_variable(SERVE, "lhs")) if self.has_variable(SERVE, "lhs") else None
+      wq, lhs_qp = self._served_weight(rhs_cfg, rhs.shape, lhs_cfg, where)
       return common.serve_conv(lhs, wq, lhs_qp, lhs_cfg, conv, dn)
 
-    if self.is_mutable_collection(CALIB) and not self.is_initializing() and lhs_cfg is not None:
-      self._observe(lhs, lhs_cfg)
+    if self._calibrating():
+      self._observe(lhs, lhs_cfg, where)
       return conv(lhs, rhs)
     lhs_q = lhs
     if lhs_cfg is not None:
@@ -372,8 +474,17 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
     return conv(lhs_q, rhs_q)
 
 
+class _OwnConv(functools.partial):
+  """The ``conv_general_dilated_cls`` that ``QatConv`` builds from its own fields (rebuilt on ``clone``)."""
+
+
 class QatConv(nn.Conv):
   """``flax.linen.Conv`` with quantization-aware training; same fields and parameters.
+
+  ``weight_config``, ``activation_config``, ``mode`` and ``momentum`` are read
+  when the layer is built, so ``clone(weight_config=...)`` takes effect.
+  The float kernel stays in ``params`` after ``convert`` (the conv serves
+  from its quantized copy).
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -383,17 +494,19 @@ class QatConv(nn.Conv):
     (3, 3, 3, 8)
   """
 
-  weight_config: QatConfig | None = common.DEFAULT_WEIGHT_CONFIG
-  activation_config: QatConfig | None = common.DEFAULT_ACTIVATION_CONFIG
+  weight_config: QatConfig | str | None = common.DEFAULT_WEIGHT_CONFIG
+  activation_config: QatConfig | str | None = common.DEFAULT_ACTIVATION_CONFIG
   mode: str = "qat"
   momentum: float = 0.9
 
   def __post_init__(self):
-    if self.conv_general_dilated_cls is None and self.conv_general_dilated is None:
+    _check_fields(self, "weight_config", "activation_config")
+    own = self.conv_general_dilated_cls is None or isinstance(self.conv_general_dilated_cls, _OwnConv)
+    if own and self.conv_general_dilated is None:
       object.__setattr__(
         self,
         "conv_general_dilated_cls",
-        functools.partial(
+        _OwnConv(
           QatConvGeneralDilated,
           lhs_config=self.activation_config,
           rhs_config=self.weight_config,
@@ -406,6 +519,49 @@ class QatConv(nn.Conv):
 
 
 # --- whole-model calibration ----------------------------------------------------
+
+# What freeze can finalize from the calibration histogram.
+CALIB_METHODS = (CalibMethod.MINMAX, CalibMethod.PERCENTILE, CalibMethod.ENTROPY, CalibMethod.MSE)
+
+
+def _check_method(method, where: str) -> CalibMethod:
+  allowed = ", ".join(repr(m.value) for m in CALIB_METHODS) + " (or 'kl' for 'entropy')"
+  try:
+    m = CalibMethod(method)
+  except (ValueError, TypeError):
+    m = None
+  if m not in CALIB_METHODS:
+    raise ValueError(f"{where}: method={method!r} is invalid; allowed: {allowed}.")
+  return m
+
+
+def _check_percentile(percentile, where: str) -> float:
+  if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{where}: percentile={percentile!r} must be a number in (0, 100].")
+  p = float(percentile)
+  if not 0 < p <= 100:
+    raise ValueError(f"{where}: percentile={percentile!r} is invalid; allowed: (0, 100].")
+  if p <= 1:
+    raise ValueError(
+      f"{where}: percentile={percentile!r} looks like a fraction; percentile is in percent, in (0, 100] "
+      f"(e.g. {p * 100:g} for the {p * 100:g}th percentile)."
+    )
+  return p
+
+
+def _check_variables(variables, where: str) -> dict:
+  if not isinstance(variables, Mapping):
+    raise TypeError(
+      f"{where}: variables must be a mapping of collections (as model.init returns), got {type(variables).__name__}."
+    )
+  if "params" not in variables:
+    raise ValueError(f"{where}: variables need a 'params' collection; got collections {sorted(variables)}.")
+  return dict(variables)
+
+
+def _check_model(model, where: str) -> None:
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"{where}: model must be a flax.linen.Module, got {type(model).__name__}.")
 
 
 def _is_calib_entry(node) -> bool:
@@ -426,16 +582,22 @@ def freeze(
   Args:
     variables: a model's variables including a ``quant_calib`` collection
       (from applying it with ``mutable=["quant_calib"]``).
-    method: a ``CalibMethod``: MINMAX, PERCENTILE, ENTROPY (KL) or MSE.
-    percentile: for PERCENTILE.
+    method: ``"minmax"``, ``"percentile"``, ``"entropy"`` (alias ``"kl"``)
+      or ``"mse"``, or the ``CalibMethod``.
+    percentile: for PERCENTILE, in percent: (0, 100].
 
   Returns:
     The variables with frozen ranges.
 
   Raises:
-    ValueError: without a ``quant_calib`` collection.
+    ValueError: without a ``quant_calib`` collection, or for a method or
+      percentile outside what is allowed (listed in the message).
   """
-  method = CalibMethod(method)
+  where = "jqat.linen.freeze"
+  method = _check_method(method, where)
+  percentile = _check_percentile(percentile, where)
+  if not isinstance(variables, Mapping):
+    raise TypeError(f"{where}: variables must be a mapping of collections, got {type(variables).__name__}.")
   variables = dict(variables)
   calib = variables.pop(CALIB, None)
   if not calib:
@@ -469,20 +631,34 @@ def calibrate(
 
   Each batch goes through ``model.apply(variables, batch, mutable=["quant_calib"])``
   under ``jax.jit`` (quantized layers compute in float and observe their
-  inputs); then ``freeze`` finalizes the statistics with ``method``.
+  inputs); then ``freeze`` finalizes the statistics with ``method``. The
+  method and percentile are checked before any batch runs. Per-token
+  (per-channel) and weight-only activations take no range from calibration
+  and are not observed; float layers stay float.
 
   Args:
     model: a linen module using jqat layers.
     variables: its variables (``params`` and optionally ``quant_stats``).
     batches: an iterable of model inputs (a tuple is passed as positional arguments).
-    method: a ``CalibMethod``.
-    percentile: for PERCENTILE.
+    method: ``"minmax"``, ``"percentile"``, ``"entropy"`` (``"kl"``) or ``"mse"``.
+    percentile: for PERCENTILE, in percent: (0, 100].
     **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
   Returns:
     New variables with frozen activation ranges in ``quant_stats``.
+
+  Raises:
+    ValueError: for a method or percentile outside what is allowed, or no batches.
   """
-  variables = {k: v for k, v in variables.items() if k != CALIB}
+  where = "jqat.linen.calibrate"
+  method = _check_method(method, where)
+  percentile = _check_percentile(percentile, where)
+  _check_model(model, where)
+  variables = {k: v for k, v in _check_variables(variables, where).items() if k != CALIB}
+  if not isinstance(batches, Iterable) or isinstance(batches, (jax.Array, np.ndarray)):
+    raise TypeError(
+      f"{where}: batches must be an iterable of model inputs (e.g. a list of arrays), got {type(batches).__name__}."
+    )
 
   @jax.jit
   def step(calib, batch):
@@ -491,17 +667,41 @@ def calibrate(
     if calib is not None:
       v[CALIB] = calib
     _, updates = model.apply(v, *args, mutable=[CALIB], **apply_kwargs)
-    return updates[CALIB]
+    return updates.get(CALIB, {})
 
   calib = None
   for batch in batches:
     calib = step(calib, batch)
   if calib is None:
-    raise ValueError("calibrate got no batches.")
+    raise ValueError(f"{where}: got no batches.")
+  if not calib:
+    # Nothing observes a range (float, weight-only or per-token layers): nothing to freeze.
+    return variables
   return freeze({**variables, CALIB: calib}, method, percentile=percentile)
 
 
 # --- conversion to serving variables ----------------------------------------------
+
+
+def _serving_markers(flat_serving: dict) -> tuple[list, bool]:
+  """Takes the layers' markers out of the flat serving collection.
+
+  Returns the layer paths whose float kernel convert drops (``OWNS_KERNEL``),
+  and whether any jqat layer took part (a converted kernel, or a layer that
+  deliberately stays float).
+  """
+  owners = [p[:-1] for p in flat_serving if p[-1] == OWNS_KERNEL]
+  floats = [p for p in flat_serving if p[-1] == KEEPS_FLOAT]
+  for p in floats + [o + (OWNS_KERNEL,) for o in owners]:
+    del flat_serving[p]
+  return owners, bool(flat_serving or floats)
+
+
+def _drop_replaced_params(flat_params: dict, owners: list) -> dict:
+  """Drops from ``params`` the float kernels that serving variables replace."""
+  for path in owners:
+    flat_params.pop(path + ("kernel",), None)
+  return flat_params
 
 
 def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict:
@@ -509,16 +709,27 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
 
   Runs ``model`` once on ``args`` with the ``serving`` collection mutable:
   every quantized dot stores its kernel as a quantized tensor (int8, packed
-  int4 or fp8 values, scale, zero point, and the column sums an asymmetric
-  activation needs) and its activation's frozen (or moving-average) range.
-  The float kernels of ``QatDense`` layers are dropped from ``params``; a
-  stock Flax layer with ``QatDotGeneral`` injected keeps its float kernel
-  (it creates the parameter itself) but serves from the quantized copy.
+  int4 or fp8 values, scale, zero point, the column sums an asymmetric
+  activation needs, and ``layout``: its format and logical shape) and its
+  activation's frozen (or moving-average) range. The float kernels of
+  ``QatDense`` layers are dropped from ``params``; a stock Flax layer with
+  ``QatDotGeneral`` injected keeps its float kernel (it creates the parameter
+  itself) but serves from the quantized copy. Layers with ``mode="float"``
+  (or no weight config) keep their float kernel and compute as before; a
+  model whose jqat layers are all float converts to an empty ``serving``.
+
+  Converting converted variables gives them back unchanged (idempotent).
 
   Applying the same model to the returned variables serves with the integer
   path: activations quantized with the frozen range, ``int8 x int8`` dots with
   int32 accumulation, one rescale. Per-channel activation configs quantize per
-  token at serving time; an activation config of None serves weight-only.
+  token at serving time; an activation config of None serves weight-only. A
+  layer of another format or width than its serving variables raises,
+  naming the layer, what the variables hold and what the layer expects.
+
+  Under ``jax.jit`` (e.g. to place the result with ``out_shardings``) the
+  activation ranges are checked when the computation runs: a missing range
+  fails it with the same message, never serving with a made-up scale.
 
   Args:
     model: a linen model using jqat layers.
@@ -532,7 +743,8 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
     ``quant_calib``.
 
   Raises:
-    ValueError: when an activation has neither a frozen range nor statistics.
+    ValueError: when an activation has neither a frozen range nor statistics
+      (e.g. variables holding ``params`` alone), or the model has no jqat layer.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -546,16 +758,17 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
     >>> bool(jnp.allclose(layer.apply(served, x), layer.apply({**v, **stats}, x), atol=1e-6))
     True
   """
-  variables = {k: v for k, v in variables.items() if k not in (SERVE, CALIB)}
+  where = "jqat.linen.convert"
+  _check_model(model, where)
+  variables = {k: v for k, v in _check_variables(variables, where).items() if k != CALIB}
   _, updates = model.apply(variables, *args, mutable=[SERVE], **apply_kwargs)
   flat_serving = traverse_util.flatten_dict(dict(updates.get(SERVE, {})))
-  if not flat_serving:
-    raise ValueError("convert found no quantized layer with a quantized kernel in the model.")
-  flat_params = traverse_util.flatten_dict(dict(variables["params"]))
-  for path in [p for p in flat_serving if p[-1] == OWNS_KERNEL]:
-    del flat_serving[path]
-    flat_params.pop(path[:-1] + ("kernel",), None)
+  owners, any_layer = _serving_markers(flat_serving)
+  if not any_layer:
+    raise ValueError(f"{where}: found no jqat layer in the model (QatDense, QatConv, or a QatDotGeneral injected).")
   out = dict(variables)
-  out["params"] = traverse_util.unflatten_dict(flat_params)
+  out["params"] = traverse_util.unflatten_dict(
+    _drop_replaced_params(traverse_util.flatten_dict(dict(variables["params"])), owners)
+  )
   out[SERVE] = traverse_util.unflatten_dict(flat_serving)
   return out
