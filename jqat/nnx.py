@@ -1,5 +1,6 @@
-"""jqat for Flax NNX: quantization-aware layers, modes and calibration."""
+"""jqat for Flax NNX: quantization-aware layers, modes, calibration, conversion and quantize_model."""
 
+from jqat._src.flax.nnx import KernelShape as KernelShape
 from jqat._src.flax.nnx import QatConv as QatConv
 from jqat._src.flax.nnx import QatConvGeneralDilated as QatConvGeneralDilated
 from jqat._src.flax.nnx import QatDense as QatDense
@@ -10,16 +11,27 @@ from jqat._src.flax.nnx import calibrate as calibrate
 from jqat._src.flax.nnx import convert as convert
 from jqat._src.flax.nnx import freeze as freeze
 from jqat._src.flax.nnx import set_mode as set_mode
+from jqat._src.flax.nnx_layers import QatEinsum as QatEinsum
+from jqat._src.flax.nnx_layers import QatEinsumOp as QatEinsumOp
+from jqat._src.flax.nnx_layers import QatEmbed as QatEmbed
+from jqat._src.flax.nnx_quantize import quantize_model as quantize_model
+from jqat._src.flax.nnx_quantize import report as report
 
 __all__ = (
+  "KernelShape",
   "QatConv",
   "QatConvGeneralDilated",
   "QatDense",
   "QatDotGeneral",
+  "QatEinsum",
+  "QatEinsumOp",
+  "QatEmbed",
   "QuantServing",
   "QuantStat",
   "calibrate",
   "convert",
   "freeze",
+  "quantize_model",
+  "report",
   "set_mode",
 )
