@@ -30,6 +30,7 @@ from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
 from jqat._src.fake_quant import fake_quant as fake_quant
 from jqat._src.fake_quant import lsq_grad_scale as lsq_grad_scale
+from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 from jqat._src.formats import QuantBits as QuantBits
 from jqat._src.int_ops import accumulator_bound as accumulator_bound
 from jqat._src.int_ops import int_dot_accumulator as int_dot_accumulator
@@ -38,6 +39,8 @@ from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
 from jqat._src.ptq.awq import awq as awq
+from jqat._src.ptq.fold import fold_into_dense as fold_into_dense
+from jqat._src.ptq.fold import fold_into_layernorm as fold_into_layernorm
 from jqat._src.ptq.gptq import gptq as gptq
 from jqat._src.ptq.smoothquant import smooth_quant_scales as smooth_quant_scales
 from jqat._src.qat_dot import qat_dot_general as qat_dot_general
@@ -54,7 +57,6 @@ from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
 from jqat._src.rules import Rule as Rule
 from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
-from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __version__ = "0.1.0"
 
@@ -93,6 +95,8 @@ __all__ = (
     "fake_quant",
     "finalize",
     "finalize_stats",
+    "fold_into_dense",
+    "fold_into_layernorm",
     "gptq",
     "init_stats",
     "init_tree",
