@@ -30,7 +30,6 @@ from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
 from jqat._src.fake_quant import fake_quant as fake_quant
 from jqat._src.fake_quant import lsq_grad_scale as lsq_grad_scale
-from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 from jqat._src.formats import QuantBits as QuantBits
 from jqat._src.int_ops import accumulator_bound as accumulator_bound
 from jqat._src.int_ops import int_dot_accumulator as int_dot_accumulator
@@ -57,6 +56,7 @@ from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
 from jqat._src.rules import Rule as Rule
 from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
+from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __version__ = "0.1.0"
 
