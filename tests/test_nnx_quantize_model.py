@@ -39,7 +39,7 @@ class LM(nnx.Module):
   def __init__(self, *, rngs):
     self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
     self.conv = nnx.Conv(D, D, (3,), padding="CAUSAL", rngs=rngs)
-    self.blocks = nnx.List([Block(D, HEADS, rngs=rngs) for _ in range(2)])
+    self.blocks = nnx.List([Block(D, HEADS, rngs=rngs)])
     self.lm_head = nnx.Linear(D, VOCAB, rngs=rngs)
 
   def __call__(self, ids):
@@ -57,7 +57,7 @@ RULES = [
   jqat.Rule("embed", ops=("embed", "attend"), weight=W8),
   jqat.Rule(".*", weight=W8, activation=A8),
 ]
-QUANTIZED = ["embed", "conv"] + [f"blocks/{i}/{n}" for i in range(2) for n in ("qkv", "out", "up", "down")]
+QUANTIZED = ["embed", "conv"] + [f"blocks/0/{n}" for n in ("qkv", "out", "up", "down")]
 
 
 def _batch(seed, n=16):
@@ -69,9 +69,6 @@ def _batch(seed, n=16):
 
 def _loss(model, ids, targets):
   return optax.softmax_cross_entropy_with_integer_labels(model(ids), targets).mean()
-
-
-_jit_loss = nnx.jit(_loss)
 
 
 @nnx.jit
@@ -110,6 +107,13 @@ def test_every_op_kind_is_covered_and_the_head_stays_float(capsys):
   assert "lm_head" in table and "total" in table
 
 
+def test_quantizing_twice_changes_nothing():
+  model = jqat.nnx.quantize_model(LM(rngs=nnx.Rngs(0)), RULES)
+  before = nnx.graphdef(model)
+  assert jqat.nnx.quantize_model(model, RULES) is model
+  assert nnx.graphdef(model) == before
+
+
 def test_a_rule_that_matches_nothing_raises_listing_the_paths():
   with pytest.raises(ValueError, match=r"'.*lm_haed'.*blocks/0/qkv.*lm_head"):
     jqat.nnx.quantize_model(LM(rngs=nnx.Rngs(0)), [jqat.Rule(".*lm_haed"), jqat.Rule(".*", weight=W8)])
@@ -119,10 +123,8 @@ def test_train_calibrate_convert_serve():
   model = jqat.nnx.quantize_model(LM(rngs=nnx.Rngs(0)), RULES)
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
   ids, targets = _batch(123, 64)
-  before = float(_jit_loss(model, ids, targets))
-  for i in range(40):
-    _step(model, opt, *_batch(i))
-  after = float(_jit_loss(model, ids, targets))
+  losses = [float(_step(model, opt, *_batch(i))) for i in range(40)]
+  before, after = losses[0], np.mean(losses[-5:])
   assert after < 0.5 * before, (before, after)
   jqat.nnx.calibrate(model, [_batch(i)[0] for i in range(2)], method="minmax")
   model.eval()
@@ -136,15 +138,15 @@ def test_train_calibrate_convert_serve():
   graphdef, state = nnx.split(model)
   compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).compile()
   y_serve = compiled(state, ids)
-  # Serving computes the QAT numbers up to float rounding; through two attention blocks a rounding that moves
+  # Serving computes the QAT numbers up to float rounding; through attention and the MLP a rounding that moves
   # one activation to the next integer level shows in a few rows.
   close = np.isclose(y_serve, y_qat, rtol=1e-4, atol=1e-4)
   assert close.mean() > 0.9, close.mean()
   assert float(jnp.mean(jnp.argmax(y_serve, -1) == jnp.argmax(y_qat, -1))) >= 0.99
   hlo = compiled.as_text()
   s8_dots = [line for line in hlo.splitlines() if re.search(r"= s32\[[\d,]*\]\S* (dot|convolution)\(", line)]
-  # qkv, out, up, down in two blocks; the conv accumulates in int32 too.
-  assert len(s8_dots) >= 9, "\n".join(s8_dots)
+  # qkv, out, up, down; the conv accumulates in int32 too.
+  assert len(s8_dots) >= 5, "\n".join(s8_dots)
   assert float(optax.softmax_cross_entropy_with_integer_labels(y_serve, targets).mean()) < 0.5 * before
 
 
@@ -290,9 +292,9 @@ def test_conv_serves_with_an_integer_convolution():
   y_qat = conv(x)
   jqat.nnx.convert(conv)
   assert isinstance(conv.kernel, jqat.nnx.KernelShape)
-  f = jax.jit(lambda s, x: nnx.merge(nnx.graphdef(conv), s)(x))
+  f = jax.jit(lambda s, x: nnx.merge(nnx.graphdef(conv), s)(x)).lower(nnx.state(conv), x).compile()
   np.testing.assert_allclose(f(nnx.state(conv), x), y_qat, rtol=1e-4, atol=1e-4)
-  hlo = f.lower(nnx.state(conv), x).compile().as_text()
+  hlo = f.as_text()
   assert re.search(r"= s32\[[\d,]*\]\S* convolution\(", hlo), hlo
 
 

@@ -100,10 +100,13 @@ def check_calibration_args(method, percentile, where: str = "calibrate") -> Cali
     allowed = ", ".join(repr(c.value) for c in CALIBRATION_METHODS)
     raise ValueError(f"{where}: method={method!r} is invalid; allowed: {allowed} (or 'kl' for 'entropy').")
   checker = getattr(calibration, "check_percentile", None)
-  if checker is not None:
-    checker(percentile)
-  else:
+  if checker is None:
     _check_percentile(percentile, where)
+    return m
+  try:
+    checker(percentile)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{where}: {e}") from None
   return m
 
 

@@ -28,20 +28,29 @@ from jqat._src.report import OpReport, describe, format_table, weight_serving_by
 _HOOKS = ("dot_general", "einsum_op", "conv_general_dilated", "quant")
 
 
-def _kind(m) -> tuple[str, ...] | None:
-  """The op kinds of a stock layer that quantize_model covers, or None."""
+def _kind(m) -> tuple[tuple[str, ...], bool] | None:
+  """The op kinds of a layer that quantize_model covers, and whether it is still stock (not yet quantized)."""
   if isinstance(m, nnx.Embed):
-    return None if isinstance(m, nnx_layers.QatEmbed) else ("embed", "attend")
+    return ("embed", "attend"), not isinstance(m, nnx_layers.QatEmbed)
   if isinstance(m, nnx.Conv):
-    return ("conv",) if m.conv_general_dilated is lax.conv_general_dilated else None
-  if isinstance(m, nnx.Einsum):
-    return ("einsum",) if m.einsum_op is jnp.einsum else None
-  if isinstance(m, nnx.Linear):
-    return ("dot",) if m.dot_general is lax.dot_general else None
-  if isinstance(m, nnx.LinearGeneral):
-    stock = m.dot_general in (None, lax.dot_general) and m.dot_general_cls is None
-    return ("dot",) if stock else None
-  return None
+    hook, stock = m.conv_general_dilated, lax.conv_general_dilated
+    kinds = ("conv",)
+  elif isinstance(m, nnx.Einsum):
+    hook, stock = m.einsum_op, jnp.einsum
+    kinds = ("einsum",)
+  elif isinstance(m, nnx.Linear):
+    hook, stock = m.dot_general, lax.dot_general
+    kinds = ("dot",)
+  elif isinstance(m, nnx.LinearGeneral):
+    hook, stock = (lax.dot_general if m.dot_general is None else m.dot_general), lax.dot_general
+    if m.dot_general_cls is not None:
+      return None
+    kinds = ("dot",)
+  else:
+    return None
+  if isinstance(hook, qnnx._Quantizer):
+    return kinds, False  # quantized already (a jqat layer, or an earlier quantize_model)
+  return (kinds, True) if hook is stock else None  # a user's own op is left alone
 
 
 def _configs(rules, index):
@@ -82,7 +91,10 @@ def quantize_model(model, rules=None):
   rule gives the query's activation config). For each layer the first rule
   whose pattern full-matches its path (``"blocks/0/attn/query"``) wins; a rule
   with ``weight=None, activation=None``, or no matching rule, keeps the layer
-  float (it gets a float op, so that ``report`` lists it). Afterwards
+  float (it gets a float op, so that ``report`` lists it). Layers quantized
+  already (jqat layers, an earlier call) are matched but left as they are, so
+  a second call changes nothing; a stock layer with a user's own op in its
+  hook is left alone. Afterwards
   ``calibrate``, training, ``convert`` and serving work as with jqat's own
   layers.
 
@@ -116,9 +128,10 @@ def quantize_model(model, rules=None):
   rules = rules_lib.normalize_rules(rules)
   plan, matched, paths = [], set(), []
   for path, m in nnx.iter_modules(model):
-    kinds = _kind(m)
-    if kinds is None:
+    kind = _kind(m)
+    if kind is None:
       continue
+    kinds, stock = kind
     p = qnnx.path_str(path)
     found = {}
     for op in kinds:
@@ -127,7 +140,8 @@ def quantize_model(model, rules=None):
       paths.append(p)
       if i is not None:
         matched.add(i)
-    plan.append((p, m, found))
+    if stock:
+      plan.append((p, m, found))
   rules_lib.check_all_matched(rules, matched, paths)
 
   for p, m, found in plan:
