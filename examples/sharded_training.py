@@ -119,7 +119,8 @@ def main():
   print(f"calibrated QAT accuracy (test): {float(accuracy(qat, x_test_s, y_test_s)):.4f}")
 
   # Conversion to integer serving variables, straight into their shardings: the quantized kernels take the
-  # float kernels' specs, scales and column sums follow the output axis.
+  # float kernels' specs, scales and column sums follow the output axis. Under jit, convert checks when it runs
+  # that every activation has a range (calibrated above); a model without one fails here instead of serving.
   def convert(v, xb):
     return qnn.convert(model, v, xb)
 

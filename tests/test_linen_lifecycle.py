@@ -1,7 +1,6 @@
 """Linen layer lifecycle: params-only apply, modes, configs, calibrate, convert, self-describing serving variables."""
 
 import functools
-import warnings
 
 import flax.linen as nn
 import jax
@@ -273,16 +272,22 @@ def test_jit_convert_without_statistics_raises():
     np.testing.assert_array_equal(a, b)
 
 
-def test_jit_convert_without_statistics_never_returns_a_plausible_scale(caplog):
-  # Should a runtime swallow the callback's error, the scale it guards is NaN, not 1.19e-7.
+def test_the_unchecked_scale_under_jit_is_nan_not_a_plausible_number():
+  # The callback's error aside, the scale it guards is NaN (it was 1.19e-7, which saturates every activation).
   from jqat._src.flax import common
 
-  stats = common.init_activation_stats(jqat.QatConfig(symmetric=False), 0.9)
-  out = jax.eval_shape(lambda s: common.serving_activation_qparams(s, jqat.QatConfig(symmetric=False), "x"), stats)
-  assert out.scale.shape == ()
-  f = jax.jit(lambda s: common.serving_activation_qparams(s, jqat.QatConfig(symmetric=False), "here"))
-  with pytest.raises(Exception, match="here: no activation range"):
-    jax.block_until_ready(f(stats))
+  cfg = jqat.QatConfig(symmetric=False)
+  seen_nothing = common.init_activation_stats(cfg, 0.9)
+  seen = seen_nothing._replace(ema=seen_nothing.ema._replace(count=jnp.ones((), jnp.int32)))
+
+  def scale(stats):
+    return common.serving_activation_qparams(stats, cfg, "layer").scale
+
+  jaxpr = str(jax.make_jaxpr(scale)(seen_nothing))
+  assert "pure_callback" in jaxpr and "nan" in jaxpr
+  assert bool(jnp.isfinite(jax.jit(scale)(seen)))
+  with pytest.raises(Exception, match="layer: no activation range"):
+    jax.block_until_ready(jax.jit(scale)(seen_nothing))
 
 
 def test_convert_of_params_only_variables_names_the_layer():
@@ -447,6 +452,11 @@ def test_serving_activation_range_against_a_weight_only_layer_raises():
     (lambda: qnn.QatConv(4, (3, 3), momentum="0.9"), ValueError, r"QatConv: momentum='0.9' is invalid"),
     (lambda: qnn.QatDotGeneral(mode=None), ValueError, r"QatDotGeneral: mode=None is invalid"),
     (
+      lambda: qnn.QatConv(4, (3, 3), activation_config=jqat.QatConfig(per_channel=True)),
+      ValueError,
+      r"QatConv: conv activations are quantized per tensor; got activation_config=",
+    ),
+    (
       lambda: qnn.QatConvGeneralDilated(lhs_config=jqat.QatConfig(per_channel=True)),
       ValueError,
       r"QatConvGeneralDilated: conv activations are quantized per tensor",
@@ -456,6 +466,28 @@ def test_serving_activation_range_against_a_weight_only_layer_raises():
 def test_bad_layer_fields_fail_at_construction(make, error, match):
   with pytest.raises(error, match=match):
     make()
+
+
+def test_bad_call_arguments_name_the_layer():
+  dims = (((1,), (0,)), ((), ()))
+  x, w = jnp.ones((2, 5)), jnp.ones((5, 3))
+  init = lambda *args: qnn.QatDotGeneral().init(jax.random.key(0), *args)
+  with pytest.raises(
+    ValueError, match=r"QatDotGeneral at '/': dimension_numbers=\(\(1,\), \(0,\)\) is invalid; allowed: "
+  ):
+    init(x, w, ((1,), (0,)))
+  with pytest.raises(
+    ValueError, match=r"dimension_numbers=\(\(\(2,\), \(0,\)\), \(\(\), \(\)\)\) names an axis the 2-d lhs"
+  ):
+    init(x, w, (((2,), (0,)), ((), ())))
+  with pytest.raises(TypeError, match=r"QatDotGeneral at '/': lhs \(input\) must be a numeric array, got str"):
+    init("x", w, dims)
+  conv = qnn.QatConv(4, (3, 3))
+  with pytest.raises(ValueError, match=r"QatConv at '/': input shape \(5, 5\) needs 2 spatial axes and a feature axis"):
+    conv.init(jax.random.key(0), jnp.ones((5, 5)))
+  v = conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+  with pytest.raises(ValueError, match=r"QatConv at '/': input shape \(1, 5, 5, 2\) has 2 features .* \(3, 3, 3, 4\)"):
+    conv.apply(v, jnp.ones((1, 5, 5, 2)))
 
 
 def test_bad_arguments_to_calibrate_freeze_convert():
@@ -473,12 +505,5 @@ def test_bad_arguments_to_calibrate_freeze_convert():
     qnn.calibrate(model, v, [X[:8]], percentile="99")
   with pytest.raises(TypeError, match=r"jqat.linen.freeze: variables must be a mapping"):
     qnn.freeze(None)
-  with pytest.raises(TypeError, match=r"QatDense at '/': the input must be an array, got str"):
+  with pytest.raises(TypeError, match=r"QatDense at '/': the input must be a numeric array, got str"):
     qnn.QatDense(3).apply({"params": {}}, "x")
-
-
-def test_no_warning_on_the_default_path():
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    layer = qnn.QatDense(3)
-    layer.init(jax.random.key(0), X[:2, :4])

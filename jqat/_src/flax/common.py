@@ -243,7 +243,29 @@ def uses_lsq(config: QatConfig | None) -> bool:
   return config is not None and config.estimator is Estimator.LSQ
 
 
+def _dimension_numbers_error(where: str, lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> ValueError | None:
+  allowed = "((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)), tuples of axis indices"
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    groups = [tuple(g) for g in (lc, rc, lb, rb)]
+  except (TypeError, ValueError):
+    return ValueError(f"{where}: dimension_numbers={dimension_numbers!r} is invalid; allowed: {allowed}.")
+  for group, ndim, side in zip(groups, (lhs_ndim, rhs_ndim, lhs_ndim, rhs_ndim), ("lhs", "rhs", "lhs", "rhs")):
+    if any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim for a in group):
+      return ValueError(
+        f"{where}: dimension_numbers={dimension_numbers!r} names an axis the {ndim}-d {side} does not have; "
+        f"allowed: {allowed}."
+      )
+  if len(groups[0]) != len(groups[1]) or len(groups[2]) != len(groups[3]):
+    return ValueError(f"{where}: dimension_numbers={dimension_numbers!r} pairs axes unevenly; allowed: {allowed}.")
+  return None
+
+
 def dot_shape_error(where: str, lhs_shape, rhs_shape, dimension_numbers) -> ValueError | None:
+  """An error naming ``where`` and both shapes when the operands do not fit ``dimension_numbers``, else None."""
+  err = _dimension_numbers_error(where, len(lhs_shape), len(rhs_shape), dimension_numbers)
+  if err is not None:
+    return err
   (lc, rc), (lb, rb) = dimension_numbers
   for a, b in list(zip(lc, rc)) + list(zip(lb, rb)):
     if lhs_shape[a] != rhs_shape[b]:

@@ -69,6 +69,13 @@ def _where(module: nn.Module) -> str:
   return f"{type(module).__name__} at '/{path}'"
 
 
+def _as_array(x, what: str, where: str) -> jax.Array:
+  try:
+    return jnp.asarray(x)
+  except TypeError:
+    raise TypeError(f"{where}: {what} must be a numeric array, got {type(x).__name__}.") from None
+
+
 def _check_fields(module: nn.Module, weight_field: str, activation_field: str) -> None:
   """Validates and normalizes a layer's configs, mode and momentum, at construction.
 
@@ -216,16 +223,27 @@ class QatDotGeneral(_QuantOperands, nn.Module):
   output axes, per-group scales split the contraction axis (both derived from
   the dimension numbers). The activation's range comes from calibration when
   frozen, else from a moving average kept in ``quant_stats``, else (before any
-  statistics exist) from the batch itself.
+  statistics exist, or when the layer is applied with ``{"params": ...}``
+  alone) from the batch itself, with the same straight-through gradient.
 
   Attributes:
     lhs_config: activation config (default int8, asymmetric, per-tensor);
       ``None`` leaves it in float. A per-channel activation config means
-      dynamic per-token ranges.
+      dynamic per-token ranges. A format name (``"int4"``) is shorthand for
+      the default config with those bits; any other non-``QatConfig`` value
+      raises ``TypeError``.
     rhs_config: kernel config (default int8, symmetric, per-channel); ``None``
-      leaves it in float.
-    mode: ``"qat"`` (default), or ``"float"`` to switch quantization off.
-    momentum: of the activation-range moving average.
+      leaves it in float. Format names as for ``lhs_config``.
+    mode: ``"qat"`` (default), ``"calibrate"`` (compute in float and observe
+      the activation into ``quant_calib``, which must be mutable) or
+      ``"float"`` (no quantization; the kernel stays float through
+      ``convert``). ``"serve"`` is a deprecated alias of ``"qat"``: a layer
+      serves whenever it holds serving variables.
+    momentum: of the activation-range moving average, in [0, 1).
+    out_sharding: where the output goes, as ``lax.dot_general``'s
+      ``out_sharding`` (also accepted per call). Needed for a row-parallel
+      layer on a mesh with Explicit axes, as for the float dot:
+      ``nn.Dense(n, dot_general_cls=functools.partial(QatDotGeneral, out_sharding=P("data", None)))``.
 
   Examples:
     >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, jqat
@@ -252,7 +270,9 @@ class QatDotGeneral(_QuantOperands, nn.Module):
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
     where = _where(self)
     out_sharding = self.out_sharding if out_sharding is None else out_sharding
-    lhs = jnp.asarray(lhs)
+    lhs = _as_array(lhs, "lhs (input)", where)
+    if not isinstance(rhs, jax.ShapeDtypeStruct):
+      rhs = _as_array(rhs, "rhs (kernel)", where)
     # A QatDense serving from converted variables has no float kernel: it
     # passes the kernel's shape alone.
     has_kernel = not isinstance(rhs, jax.ShapeDtypeStruct)
@@ -334,8 +354,18 @@ class QatDense(nn.Dense):
 
   Same fields, parameter names and shapes as ``nn.Dense``, plus
   ``weight_config`` (default int8, symmetric, per-channel) and
-  ``activation_config`` (default int8, asymmetric, per-tensor). By default it
-  fake-quantizes its kernel and its input with straight-through gradients.
+  ``activation_config`` (default int8, asymmetric, per-tensor), ``mode`` and
+  ``momentum`` (see ``QatDotGeneral``). By default it fake-quantizes its
+  kernel and its input with straight-through gradients. A config may be given
+  as a format name: ``QatDense(4, weight_config="int4")`` is the default
+  weight config with int4 bits.
+
+  ``variables = {"params": params}`` alone (flax's ``TrainState.apply_fn``
+  pattern) quantizes each activation with its own batch's range, as a fresh
+  model does; pass ``quant_stats`` (mutable while training) to keep moving
+  averages, and calibrate before ``convert``. ``__call__`` also takes
+  ``out_sharding`` (as ``nnx.Linear``) for row-parallel layers on a mesh with
+  Explicit axes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jqat
@@ -365,10 +395,7 @@ class QatDense(nn.Dense):
     where = _where(self)
     if self.dot_general is not None or self.dot_general_cls is not None:
       raise ValueError(f"{where}: QatDense quantizes through QatDotGeneral; pass dot_general_cls to nn.Dense instead.")
-    try:
-      inputs = jnp.asarray(inputs)
-    except TypeError:
-      raise TypeError(f"{where}: the input must be an array, got {type(inputs).__name__}.") from None
+    inputs = _as_array(inputs, "the input", where)
     if inputs.ndim < 1:
       raise ValueError(f"{where}: the input needs at least one axis, got shape {inputs.shape}.")
     dims = (((inputs.ndim - 1,), (0,)), ((), ()))
@@ -501,6 +528,10 @@ class QatConv(nn.Conv):
 
   def __post_init__(self):
     _check_fields(self, "weight_config", "activation_config")
+    if common.is_dynamic(self.activation_config):
+      raise ValueError(
+        f"{_where(self)}: conv activations are quantized per tensor; got activation_config={self.activation_config}."
+      )
     own = self.conv_general_dilated_cls is None or isinstance(self.conv_general_dilated_cls, _OwnConv)
     if own and self.conv_general_dilated is None:
       object.__setattr__(
@@ -516,6 +547,24 @@ class QatConv(nn.Conv):
       )
     _autoname_as(self, nn.Conv)
     super().__post_init__()
+
+  def __call__(self, inputs):
+    where = _where(self)
+    inputs = _as_array(inputs, "the input", where)
+    ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    if inputs.ndim < len(ks) + 1:
+      raise ValueError(
+        f"{where}: input shape {inputs.shape} needs {len(ks)} spatial axes and a feature axis for "
+        f"kernel_size={self.kernel_size}."
+      )
+    if self.has_variable("params", "kernel"):
+      kshape = jnp.shape(meta.unbox(self.get_variable("params", "kernel")))
+      if len(kshape) >= 2 and inputs.shape[-1] // self.feature_group_count != kshape[-2]:
+        raise ValueError(
+          f"{where}: input shape {inputs.shape} has {inputs.shape[-1]} features on its last axis, but the kernel "
+          f"has shape {kshape} (expects {kshape[-2] * self.feature_group_count})."
+        )
+    return super().__call__(inputs)
 
 
 # --- whole-model calibration ----------------------------------------------------
