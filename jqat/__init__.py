@@ -14,6 +14,7 @@ from jqat._src.calibration.search import entropy_divergences as entropy_divergen
 from jqat._src.calibration.search import mse_amax as mse_amax
 from jqat._src.calibration.search import percentile_amax as percentile_amax
 from jqat._src.calibration.stats import all_reduce_stats as all_reduce_stats
+from jqat._src.calibration.stats import check_percentile as check_percentile
 from jqat._src.calibration.stats import finalize_stats as finalize_stats
 from jqat._src.calibration.stats import init_stats as init_stats
 from jqat._src.calibration.stats import merge_stats as merge_stats
@@ -30,13 +31,16 @@ from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
 from jqat._src.fake_quant import fake_quant as fake_quant
 from jqat._src.fake_quant import lsq_grad_scale as lsq_grad_scale
+from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 from jqat._src.formats import QuantBits as QuantBits
 from jqat._src.int_ops import accumulator_bound as accumulator_bound
+from jqat._src.int_ops import int_conv_general_dilated as int_conv_general_dilated
 from jqat._src.int_ops import int_dot_accumulator as int_dot_accumulator
 from jqat._src.int_ops import int_dot_general as int_dot_general
 from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
+from jqat._src.int_ops import with_weight_sums as with_weight_sums
 from jqat._src.ptq.awq import awq as awq
 from jqat._src.ptq.fold import fold_into_dense as fold_into_dense
 from jqat._src.ptq.fold import fold_into_layernorm as fold_into_layernorm
@@ -56,7 +60,6 @@ from jqat._src.qtensor import quantize as quantize
 from jqat._src.qtensor import unpack_int4 as unpack_int4
 from jqat._src.rules import Rule as Rule
 from jqat._src.sharding import qtensor_partition_spec as qtensor_partition_spec
-from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __version__ = "0.1.0"
 
@@ -89,6 +92,7 @@ __all__ = (
     "array_range",
     "awq",
     "calibrate_model",
+    "check_percentile",
     "dequantize",
     "entropy_amax",
     "entropy_divergences",
@@ -100,6 +104,7 @@ __all__ = (
     "gptq",
     "init_stats",
     "init_tree",
+    "int_conv_general_dilated",
     "int_dot_accumulator",
     "int_dot_general",
     "int_matmul",
@@ -128,4 +133,5 @@ __all__ = (
     "update_stats",
     "weight_only_matmul",
     "weight_sums",
+    "with_weight_sums",
 )

@@ -57,18 +57,27 @@ def ref_param_index(shape, *, per_channel=False, channel_axis=-1, group_size=Non
       index.append(grids[a])
     else:
       index.append(np.zeros(shape, np.intp))
+  if not chan and g is None:
+    pshape = []  # per tensor: a scalar
   return tuple(pshape), tuple(index)
+
+
+def _full_rank(p, ndim: int) -> np.ndarray:
+  """A parameter with leading size-1 axes added up to ``ndim`` (a per-tensor scalar becomes (1, ..., 1))."""
+  p = np.asarray(p)
+  return p.reshape((1,) * (ndim - p.ndim) + p.shape)
 
 
 def ref_array_range(x, **granularity):
   """(min, max) of ``x`` per scale, accumulated element by element."""
   x = np.asarray(x, np.float32)
   pshape, index = ref_param_index(x.shape, **granularity)
-  lo = np.full(pshape, np.inf, np.float32)
-  hi = np.full(pshape, -np.inf, np.float32)
+  full = tuple(int(i.max()) + 1 for i in index) if x.size else (1,) * x.ndim
+  lo = np.full(full, np.inf, np.float32)
+  hi = np.full(full, -np.inf, np.float32)
   np.minimum.at(lo, index, x)
   np.maximum.at(hi, index, x)
-  return lo, hi
+  return lo.reshape(pshape), hi.reshape(pshape)
 
 
 def ref_qparams(lo, hi, bits: str, symmetric: bool, narrow_range: bool = False):
@@ -77,7 +86,7 @@ def ref_qparams(lo, hi, bits: str, symmetric: bool, narrow_range: bool = False):
   lo = np.minimum(np.asarray(lo, f), f(0))
   hi = np.maximum(np.asarray(hi, f), f(0))
   qmin, qmax = ref_qrange(bits, narrow_range)
-  eps = np.finfo(np.float32).eps
+  eps = np.finfo(np.float32).tiny  # MIN_SCALE: the scale of a degenerate range
   if symmetric:
     scale = np.maximum(np.maximum(-lo, hi) * f(1.0 / qmax), eps).astype(f)
     zp = np.zeros_like(scale)
@@ -101,8 +110,8 @@ def ref_fake_quant(x, scale, zp, bits: str, narrow_range: bool = False, **granul
   x = np.asarray(x)
   cd = np.float64 if x.dtype == np.float64 else np.float32
   _, index = ref_param_index(x.shape, **granularity)
-  s = np.asarray(scale, cd)[index]
-  z = np.asarray(zp, cd)[index]
+  s = _full_rank(np.asarray(scale, cd), x.ndim)[index]
+  z = _full_rank(np.asarray(zp, cd), x.ndim)[index]
   xs = x.astype(cd) * (cd(1) / s)  # x / s, as the library evaluates it (see to_grid_units)
   q = ref_grid(xs, z, bits, narrow_range)
   return ((q - z) * s).astype(x.dtype)
@@ -112,8 +121,8 @@ def ref_int_values(x, scale, zp, bits: str, narrow_range: bool = False, **granul
   """The quantized values themselves (integers, or fp8 values as float32)."""
   x = np.asarray(x, np.float32)
   _, index = ref_param_index(x.shape, **granularity)
-  s = np.asarray(scale, np.float32)[index]
-  z = np.asarray(zp, np.float32)[index]
+  s = _full_rank(np.asarray(scale, np.float32), x.ndim)[index]
+  z = _full_rank(np.asarray(zp, np.float32), x.ndim)[index]
   return ref_grid(x * (np.float32(1) / s), z, bits, narrow_range)
 
 
@@ -134,6 +143,7 @@ def ref():
   return types.SimpleNamespace(
     qrange=ref_qrange,
     param_index=ref_param_index,
+    full_rank=_full_rank,
     array_range=ref_array_range,
     qparams=ref_qparams,
     grid=ref_grid,

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jqat._src.config import QatConfig
-from jqat._src.fake_quant import fake_quant, lsq_grad_scale, to_grid_units
+from jqat._src.fake_quant import fake_quant, lsq_grad_scale
+from jqat._src.numerics import to_grid_units
 from jqat._src.qparams import QParams, qparams_from_array, qparams_from_range
 
 F32 = np.float32
@@ -362,7 +363,7 @@ def test_ste_gradient_matches_mask_under_jit(ref, bits, sym, gran):
     x, qp.scale, qp.zero_point
   )
   _, index = ref.param_index(x.shape, **GRANULARITIES[gran])
-  mask = _ste_mask(x, qp.scale[index], qp.zero_point[index], cfg)
+  mask = _ste_mask(x, ref.full_rank(qp.scale, x.ndim)[index], ref.full_rank(qp.zero_point, x.ndim)[index], cfg)
   assert 0 < mask.mean() < 1
   np.testing.assert_array_equal(gx, w * mask)
   # The STE gives scale and zero point no gradient.
@@ -421,8 +422,9 @@ def _lsq_reference(x, g, scale, zp, cfg, index, pshape, grad_scale):
   With u = x/s + z: dx = g where qmin <= round(x/s) + z <= qmax; ds = sum g * (round(x/s) - x/s) inside,
   (qmin - z) below, (qmax - z) above; dz = sum g * (-s) outside, 0 inside. ds and dz are scaled by grad_scale.
   """
-  s = np.asarray(scale, F32)[index]
-  z = np.round(np.asarray(zp, F32)[index]) if not cfg.symmetric else np.zeros_like(s)
+  full = tuple(int(i.max()) + 1 for i in index)  # pshape with the per-tensor () as (1, ..., 1)
+  s = np.asarray(scale, F32).reshape(full)[index]
+  z = np.round(np.asarray(zp, F32).reshape(full)[index]) if not cfg.symmetric else np.zeros_like(s)
   v = x * (F32(1) / s)
   u = v + z
   pos = _grid_position(v, z, cfg)
@@ -434,11 +436,12 @@ def _lsq_reference(x, g, scale, zp, cfg, index, pshape, grad_scale):
     r = np.round(v)
   ds_el = np.where(inside, r - v, np.where(below, cfg.qmin - z, cfg.qmax - z))
   dz_el = np.where(inside, 0.0, -s)
-  ds = np.zeros(pshape, np.float64)
-  dz = np.zeros(pshape, np.float64)
+  ds = np.zeros(full, np.float64)
+  dz = np.zeros(full, np.float64)
   np.add.at(ds, index, g * ds_el)
   np.add.at(dz, index, g * dz_el)
   dx = np.where(inside, g, 0)
+  ds, dz = ds.reshape(pshape), dz.reshape(pshape)
   return dx, ds * grad_scale, (np.zeros(pshape) if cfg.symmetric else dz * grad_scale)
 
 

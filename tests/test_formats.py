@@ -7,8 +7,8 @@ import pytest
 
 from jqat._src import formats
 from jqat._src.config import QatConfig
-from jqat._src.fake_quant import quantize_grid
 from jqat._src.formats import QuantBits
+from jqat._src.numerics import quantize_grid
 
 # (qmin, qmax) full and narrow, written out by hand.
 INT_RANGES = {

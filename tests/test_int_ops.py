@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jqat
-from jqat._src import int_ops
+from jqat._src import int_kernels, int_ops
 
 EPS32 = 2.0**-24  # unit roundoff of float32
 MATMUL = (((1,), (0,)), ((), ()))
@@ -87,7 +87,7 @@ def test_accumulator_is_exact_against_int64(bits):
       wq = _quantize(w, bits=bits, symmetric=rsym, per_channel=True)
       acc = jqat.int_dot_accumulator(xq, wq, MATMUL)
       # Prepared weight sums must give the same bits.
-      acc2 = jqat.int_dot_accumulator(xq, wq, MATMUL, rhs_sums=jqat.weight_sums(wq))
+      acc2 = jqat.int_dot_accumulator(xq, jqat.with_weight_sums(wq), MATMUL)
       out.append((xq, wq, acc, acc2))
     return out
 
@@ -117,8 +117,8 @@ def test_int_matmul_matches_dequantized_dot(bits, lmode, rmode):
     for lsym, rsym in pairs:
       xq = _quantize(x, bits=bits, symmetric=lsym, **LHS_MODES[lmode])
       wq = _quantize(w, bits=bits, symmetric=rsym, **RHS_MODES[rmode])
-      sums = None if bits.startswith("fp8") else jqat.weight_sums(wq)
-      out.append((xq, wq, jqat.int_matmul(xq, wq, bias=bias, w_sums=sums)))
+      wp = wq if bits.startswith("fp8") else jqat.with_weight_sums(wq)
+      out.append((xq, wq, jqat.int_matmul(xq, wp, bias=bias)))
     return out
 
   groups = x.shape[1] // 8 if "group" in lmode + rmode else 1
@@ -153,7 +153,7 @@ def test_general_dimension_numbers_with_batch_and_transposed_axes():
     wq = _quantize(w, symmetric=False, per_channel=True, channel_axis=(0, 1))  # per (batch, channel)
     xg = _quantize(x, group_size=8, group_axis=0)  # grouped along the contraction
     y = jqat.int_dot_general(xq, wq, dims)
-    yg = jqat.int_dot_general(xg, wq, dims, rhs_sums=jqat.weight_sums(wq, (2,)))
+    yg = jqat.int_dot_general(xg, jqat.with_weight_sums(wq, (2,)), dims)
     return [jqat.dequantize(t) for t in (xq, wq, xg)], y, yg
 
   (xd, wd, xgd), y, yg = case(x, w)
@@ -173,8 +173,8 @@ def test_grouped_weight_sums_are_used_and_exact():
   def case(x, w):
     xq = _quantize(x, symmetric=False)
     wq = _quantize(w, bits="int4", per_channel=True, group_size=16, group_axis=0)
-    sums = jqat.weight_sums(wq)
-    return sums, jqat.int_matmul(xq, wq, w_sums=sums), jqat.int_matmul(xq, wq)
+    wp = jqat.with_weight_sums(wq)
+    return wp.sums, jqat.int_matmul(xq, wp), jqat.int_matmul(xq, wq)
 
   sums, y1, y2 = case(x, w)
   assert sums.shape == (4, w.shape[1]) and sums.dtype == jnp.int32
@@ -190,8 +190,8 @@ def test_overflow_guard_splits_and_stays_exact():
 
   def trace(max_accumulator):
     def f(xv, wv, xs, ws):
-      ops = int_ops._Operand(xv, xs, xs, cx), int_ops._Operand(wv, ws, ws, cw)
-      acc, _, plan = int_ops._dot(*ops, MATMUL, max_accumulator=max_accumulator)
+      ops = int_kernels.Operand(xv, xs, xs, cx), int_kernels.Operand(wv, ws, ws, cw)
+      acc, _, plan = int_kernels.accumulate(*ops, MATMUL, max_accumulator=max_accumulator)
       plans.append(plan)
       return acc
 
@@ -201,14 +201,14 @@ def test_overflow_guard_splits_and_stays_exact():
 
   plan = trace(2**20)
   assert plan.num_pieces > 1 and plan.piece * 255 * 255 <= 2**20 and plan.int32_sum
-  assert trace(int_ops.INT32_MAX).num_pieces == 1
+  assert trace(int_kernels.INT32_MAX).num_pieces == 1
 
   def case(x, w):
     xq = _quantize(x, symmetric=False)
     wq = _quantize(w, symmetric=False, per_channel=True)
     acc = jqat.int_dot_accumulator(xq, wq, MATMUL, max_accumulator=2**20)
     # Prepared sums do not fit the pieces: they are recomputed, still exact.
-    acc2 = jqat.int_dot_accumulator(xq, wq, MATMUL, rhs_sums=jqat.weight_sums(wq), max_accumulator=2**20)
+    acc2 = jqat.int_dot_accumulator(xq, jqat.with_weight_sums(wq), MATMUL, max_accumulator=2**20)
     return xq, wq, acc, acc2
 
   text = jax.jit(case).lower(x, w).as_text()
@@ -326,3 +326,95 @@ def test_weight_only_matmul_matches_dequantized_weight(wmode):
   assert bf16.dtype == jnp.bfloat16
   # bfloat16 activations: x rounded to bf16 (2^-9 relative), the output once more.
   np.testing.assert_array_less(np.abs(np.asarray(bf16, np.float64) - ref), 2**-7 * (np.abs(xd) @ np.abs(wd)))
+
+
+# --- integer convolution -----------------------------------------------------------------------------------------
+
+
+def _conv_reference(xq, wq, strides, pad, groups):
+  """Σ (q_x - z_x)(q_w - z_w) of an NHWC x HWIO convolution, in int64, written out offset by offset."""
+  qx = np.asarray(xq.int_values(), np.int64) - np.asarray(xq.zero_point, np.int64)
+  qw = np.asarray(wq.int_values(), np.int64) - np.asarray(wq.zero_point, np.int64)
+  qx = np.pad(qx, ((0, 0), pad[0], pad[1], (0, 0)))  # zero in real value is q = z: 0 once centred
+  kh, kw, cin, cout = qw.shape
+  n, h, w, _ = qx.shape
+  oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
+  out = np.zeros((n, oh, ow, cout), np.int64)
+  per = cout // groups
+  for g in range(groups):
+    xs = qx[..., g * cin : (g + 1) * cin]
+    for i in range(kh):
+      for j in range(kw):
+        patch = xs[:, i : i + strides[0] * oh : strides[0], j : j + strides[1] * ow : strides[1], :]
+        out[..., g * per : (g + 1) * per] += patch @ qw[i, j, :, g * per : (g + 1) * per]
+  return out
+
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def test_int_conv_past_2_31_matches_int64_reference():
+  # Asymmetric int8 both sides, 3x3x4096: K max|q - z|^2 = 36864 * 255^2 = 2.4e9 > 2^31 - 1. The unguarded int32
+  # convolution returned -29187 where the true value is 36864 (in units of the scales).
+  rng = np.random.default_rng(0)
+  x = np.ones((1, 3, 3, 4096), np.float32)
+  x[0, 0, 0, :64] = rng.uniform(0.0, 1.0, 64)  # not all equal; the range is still [0, 1]
+  w = np.ones((3, 3, 4096, 2), np.float32)
+  w[..., 1] = rng.uniform(0.5, 1.0, (3, 3, 4096))
+  w[0, 0, 0, 1] = 0.0
+  cfg = jqat.QatConfig(symmetric=False)
+  wcfg = jqat.QatConfig(symmetric=False, per_channel=True)
+  xq = jqat.quantize(x, jqat.qparams_from_array(x, cfg), cfg)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  assert int_kernels.plan_conv(cfg, wcfg, 4096, 9, int_kernels.INT32_MAX) == (2, 2048)
+  ref = _conv_reference(xq, wq, (1, 1), ((0, 0), (0, 0)), 1)
+  assert ref.max() > 2**31 - 1
+  conv = jax.jit(lambda a, b: jqat.int_conv_general_dilated(a, b, (1, 1), "VALID", dimension_numbers=DN))
+  y = np.asarray(conv(xq, wq), np.float64)
+  scale = np.float64(xq.scale) * np.asarray(wq.scale, np.float64).reshape(-1)
+  # Two exact int32 pieces added in float32 (one rounding), then two float32 products: 4 units of roundoff.
+  np.testing.assert_allclose(y, ref * scale, rtol=4 * EPS32)
+
+
+@pytest.mark.parametrize("lsym,rsym", SYM_PAIRS)
+def test_int_conv_matches_int64_reference_with_strides_padding_groups_and_a_split(lsym, rsym):
+  rng = np.random.default_rng(1)
+  x = (rng.standard_normal((2, 7, 6, 8)) + 0.4).astype(np.float32)
+  w = (rng.standard_normal((3, 3, 4, 6)) * 0.2).astype(np.float32)  # two feature groups of 4 inputs
+  xcfg = jqat.QatConfig(symmetric=lsym)
+  wcfg = jqat.QatConfig(symmetric=rsym, per_channel=True)
+  xq = jqat.quantize(x, jqat.qparams_from_array(x, xcfg), xcfg)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  pad = ((1, 1), (0, 1))
+  ref = _conv_reference(xq, wq, (2, 1), pad, 2)
+
+  @jax.jit
+  def acc(xq, wq):
+    conv = lambda a, b, **kw: jax.lax.conv_general_dilated(a, b, (2, 1), pad, dimension_numbers=DN,
+                                                           feature_group_count=2, **kw)
+    whole, _ = int_kernels.accumulate_conv(xq, wq, conv, DN)
+    # A bound low enough to split the 4 input features into pieces of one.
+    split, _ = int_kernels.accumulate_conv(xq, wq, conv, DN, max_accumulator=9 * 255 * 255)
+    y = jqat.int_conv_general_dilated(xq, wq, (2, 1), pad, dimension_numbers=DN, feature_group_count=2,
+                                      bias=jnp.arange(6.0))
+    return whole, split, y
+
+  whole, split, y = acc(xq, wq)
+  assert whole.dtype == jnp.int32 and whole.shape == ref.shape
+  np.testing.assert_array_equal(np.asarray(whole, np.int64), ref)
+  np.testing.assert_array_equal(np.asarray(split, np.int64), ref)
+  scale = np.float64(xq.scale) * np.asarray(wq.scale, np.float64).reshape(-1)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref * scale + np.arange(6.0), rtol=4 * EPS32, atol=1e-6)
+
+
+def test_int_conv_refuses_what_it_cannot_do():
+  x = np.arange(64, dtype=np.float32).reshape(2, 4, 4, 2)
+  xq = _quantize(x)
+  with pytest.raises(ValueError, match=r"int_conv_general_dilated: rhs is fp8_e4m3"):
+    jqat.int_conv_general_dilated(xq, _quantize(np.ones((3, 3, 2, 2), np.float32), bits="fp8"), (1, 1), "SAME",
+                                  dimension_numbers=DN)
+  with pytest.raises(ValueError, match=r"the input needs one scale \(per-tensor\)"):
+    jqat.int_conv_general_dilated(_quantize(x, per_channel=True, channel_axis=0), _quantize(np.ones((3, 3, 2, 2),
+                                  np.float32)), (1, 1), "SAME", dimension_numbers=DN)
+  with pytest.raises(TypeError, match=r"int_conv_general_dilated: rhs must be a jqat.QTensor"):
+    jqat.int_conv_general_dilated(xq, np.ones((3, 3, 2, 2)), (1, 1), "SAME", dimension_numbers=DN)

@@ -135,28 +135,28 @@ def test_range_widened_to_include_zero(lo, hi, sym, scale, zp):
 def test_degenerate_range_gives_min_scale(bits, sym, narrow):
   cfg = QatConfig(bits=bits, symmetric=sym, narrow_range=narrow)
   qp = qparams_from_range(jnp.zeros(3), jnp.zeros(3), cfg)
-  np.testing.assert_array_equal(qp.scale, np.full(3, np.finfo(np.float32).eps, F32))
+  np.testing.assert_array_equal(qp.scale, np.full(3, MIN_SCALE, F32))
   assert np.all((qp.zero_point >= cfg.qmin) & (qp.zero_point <= cfg.qmax))
   # Zero stays exact with the tiny scale.
   assert float(jqat.fake_quant(jnp.zeros(()), qparams_lib.QParams(qp.scale[0], qp.zero_point[0]), cfg)) == 0.0
 
 
-def test_min_scale_is_float32_eps():
-  assert MIN_SCALE == float(np.finfo(np.float32).eps)
-  assert MIN_SCALE == 2.0**-23
+def test_min_scale_is_the_smallest_normal_float32():
+  # The scale of a degenerate range only; 1 / MIN_SCALE is finite.
+  assert MIN_SCALE == float(np.finfo(np.float32).tiny) == 2.0**-126
+  assert np.isfinite(np.float32(1) / np.float32(MIN_SCALE))
 
 
-def test_tiny_range_is_floored():
+def test_tiny_range_keeps_its_exact_scale():
+  # The floor was float32 eps (2^-23): this range got 2^-23 and lost every level.
   qp = qparams_from_range(-1e-30, 1e-30, QatConfig())
-  assert float(qp.scale) == MIN_SCALE
-  assert np.isfinite(float(qp.scale))
+  assert float(qp.scale) == F32(1e-30) * F32(1.0 / 127)
 
 
-def test_broadcasts_min_and_max():
-  qp = qparams_from_range(jnp.array([[-1.0], [-2.0]]), jnp.array([1.0, 4.0, 0.5]), QatConfig())
-  assert qp.scale.shape == qp.zero_point.shape == (2, 3)
-  expected = np.maximum(np.array([[1.0], [2.0]], F32), np.array([1.0, 4.0, 0.5], F32)) / F32(127)
-  np.testing.assert_array_equal(qp.scale, expected)
+def test_scalar_bound_with_an_array_bound():
+  qp = qparams_from_range(-1.0, jnp.array([1.0, 4.0, 0.5]), QatConfig())
+  assert qp.scale.shape == qp.zero_point.shape == (3,)
+  np.testing.assert_array_equal(qp.scale, np.maximum(F32(1.0), np.array([1.0, 4.0, 0.5], F32)) * F32(1.0 / 127))
 
 
 def test_output_dtypes():
@@ -183,7 +183,7 @@ def test_jit_matches_eager():
 @pytest.mark.parametrize(
   ("shape", "kwargs", "expected"),
   [
-    ((4, 6), dict(), (1, 1)),
+    ((4, 6), dict(), ()),  # per tensor: a scalar, from every entry point
     ((4, 6), dict(per_channel=True), (1, 6)),
     ((4, 6), dict(per_channel=True, channel_axis=0), (4, 1)),
     ((4, 6), dict(per_channel=True, channel_axis=-2), (4, 1)),
@@ -193,7 +193,7 @@ def test_jit_matches_eager():
     ((8, 6), dict(group_size=3, group_axis=1), (1, 2)),
     ((8, 6), dict(per_channel=True, group_size=4), (2, 6)),
     ((3, 3, 8, 16), dict(per_channel=True, group_size=4, group_axis=2), (1, 1, 2, 16)),
-    ((5,), dict(), (1,)),
+    ((5,), dict(), ()),
     ((), dict(), ()),
   ],
 )

@@ -10,6 +10,7 @@ import pytest
 
 from jqat._src.config import QatConfig
 from jqat._src.fake_quant import fake_quant
+from jqat._src.formats import QuantBits
 from jqat._src.qparams import QParams, qparams_from_array, qparams_from_range
 from jqat._src.qtensor import QTensor, dequantize, pack_int4, quantize, unpack_int4
 
@@ -119,7 +120,7 @@ def test_values_dtype_and_shape(bits, dtype, rows):
   assert q.values.shape == (rows, 3)  # packed formats: half the rows, rounded up for the odd length
   assert q.shape == (7, 3) and q.ndim == 2
   assert q.scale.shape == q.zero_point.shape == (1, 3)
-  assert q.dtype == jnp.float32
+  assert q.dequant_dtype == jnp.float32 and q.format is QuantBits(bits)
   assert q.int_values().shape == (7, 3)
 
 
@@ -183,7 +184,7 @@ def test_dequantize_quantize_equals_fake_quant_eager_low_precision(bits, dtype):
   x = jnp.asarray(_x(bits, (5, 4)), dtype)
   qp = qparams_from_array(x, cfg)
   q = quantize(x, qp, cfg)
-  assert q.dtype == dtype
+  assert q.dequant_dtype == dtype
   dq = dequantize(q)
   assert dq.dtype == dtype
   np.testing.assert_array_equal(np.asarray(dq, F32), np.asarray(fake_quant(x, qp, cfg), F32))
@@ -227,7 +228,7 @@ def test_hand_values():
   q = quantize(jnp.array([-1.0, 0.0, 1.0, 3.0]), qp, cfg)
   # x / (4/255) - 64, rounded: -128, -64, 0 (63.75 -> 64, minus 64), 127.
   assert q.int_values().tolist() == [-128, -64, 0, 127]
-  assert q.zero_point.tolist() == [-64.0]
+  assert q.zero_point.shape == () and float(q.zero_point) == -64.0  # per tensor: a scalar
   cfg = QatConfig(bits="fp8_e4m3")
   q = quantize(jnp.array([465.0, 1.97, 4.25]), QParams(jnp.float32(1.0), jnp.float32(0.0)), cfg)
   assert np.asarray(q.values, F32).tolist() == [448.0, 2.0, 4.0]
@@ -259,7 +260,7 @@ def test_pytree_round_trip():
   assert leaves[0] is q.values and leaves[1] is q.scale and leaves[2] is q.zero_point
   q2 = jax.tree.unflatten(treedef, leaves)
   assert isinstance(q2, QTensor)
-  assert (q2.config, q2.shape, q2.dtype) == (cfg, (5, 3), jnp.float32)
+  assert (q2.config, q2.shape, q2.dequant_dtype) == (cfg, (5, 3), jnp.float32)
   np.testing.assert_array_equal(dequantize(q2), dequantize(q))
   # Static fields are part of the tree structure.
   other = quantize(jnp.ones((5, 3)), q.qparams, cfg.replace(bits="int8"))
@@ -286,8 +287,13 @@ def test_qparams_property():
   np.testing.assert_array_equal(q.qparams.zero_point, q.zero_point)
 
 
-def test_zero_point_ignored_when_symmetric():
+def test_zero_point_of_asymmetric_qparams_under_a_symmetric_config():
   cfg = QatConfig()
-  q = quantize(jnp.array([1.0, -1.0]), QParams(jnp.float32(1 / 64), jnp.float32(5.0)), cfg)
-  assert q.zero_point.tolist() == [0.0]
+  qp = QParams(jnp.float32(1 / 64), jnp.float32(5.0))
+  # Known values: an error (it used to be dropped silently).
+  with pytest.raises(ValueError, match=r"quantize: zero_point holds nonzero values \(e.g. 5.0\).*symmetric"):
+    quantize(jnp.array([1.0, -1.0]), qp, cfg)
+  # Under jit the values are not known: the symmetric grid ignores the zero point, as documented.
+  q = jax.jit(quantize, static_argnums=2)(jnp.array([1.0, -1.0]), qp, cfg)
+  assert float(q.zero_point) == 0.0
   assert q.int_values().tolist() == [64, -64]

@@ -2,8 +2,8 @@
 
 ``fake_quant(x) = (clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``
 for integer formats, and ``clip(x / scale, -max, max).astype(fp8) * scale`` for
-fp8, with ``x / scale`` evaluated as ``x * (1 / scale)`` (see ``to_grid_units``).
-The forward is the same arithmetic as ``dequantize(quantize(x))``, so the two
+fp8, with ``x / scale`` evaluated as ``x * (1 / scale)``. The arithmetic is
+``jqat._src.numerics``, the same as ``dequantize(quantize(x))``, so the two
 agree bit for bit.
 """
 
@@ -13,83 +13,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from jqat._src import formats
+from jqat._src import formats, numerics
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import Estimator, QatConfig
-from jqat._src.qparams import QParams
-from jqat._src.qparams import to_grid_units as to_grid_units
-
-
-def _round_to_float8(c: jax.Array, bits) -> jax.Array:
-  """Rounds ``c`` (already inside ``±max``) to the nearest fp8 value, ties to even; the result stays in c's dtype.
-
-  The same values as ``c.astype(fp8).astype(c.dtype)``, but that round trip is
-  not safe to write: XLA may drop a narrowing convert followed by a widening
-  one (``xla_allow_excess_precision``, on by default on GPU), and fake quant
-  would then not quantize at all. ``reduce_precision`` is the op XLA keeps.
-  Normal values keep the format's mantissa bits; below the smallest normal
-  ``2^emin`` the grid is uniform with step ``2^(emin - mantissa)``.
-  """
-  info = jnp.finfo(bits.float_dtype)
-  mant, emin = int(info.nmant), int(info.minexp)
-  normal = lax.reduce_precision(c, exponent_bits=jnp.finfo(c.dtype).nexp, mantissa_bits=mant)
-  # Powers of two: both multiplications are exact.
-  subnormal = jnp.round(c * 2.0 ** (mant - emin)) * 2.0 ** (emin - mant)
-  return jnp.where(jnp.abs(c) < 2.0**emin, subnormal, normal)
-
-
-def quantize_grid(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
-  """Maps ``x / scale`` onto the format's grid; returns the quantized values as floats.
-
-  Integers: ``clip(round_half_even(x / scale) + zero_point, qmin, qmax)``.
-  fp8: ``clip(x / scale, -max, max)`` rounded to the nearest fp8 value (ties to
-  even), exactly what the cast to the fp8 dtype gives. The clip comes first
-  because the cast does not saturate (465 becomes NaN in e4m3fn).
-  """
-  if config.bits.is_float:
-    m = config.bits.float_max
-    return _round_to_float8(jnp.clip(x_scaled, -m, m), config.bits)
-  return jnp.clip(jnp.round(x_scaled) + zero_point, config.qmin, config.qmax)
-
-
-def grid_position(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
-  """Where ``x / scale`` lands on the format's grid before clipping: ``round(x / s) + z``, or the fp8 rounding."""
-  if config.bits.is_float:
-    return _round_to_float8(x_scaled, config.bits)
-  return jnp.round(x_scaled) + zero_point
-
-
-def in_range(x_scaled: jax.Array, zero_point: jax.Array, config: QatConfig) -> jax.Array:
-  """The clipped STE's mask: True where ``x`` quantizes to a grid value without clipping.
-
-  The test is on the rounded position, as in PyTorch's fake quantization
-  (``qmin <= round(x / s) + z <= qmax``), not on ``x / s`` itself: the largest
-  element of a tensor quantized with its own range sits at ``x / s = qmax``
-  up to one float rounding, and must keep its gradient.
-  """
-  pos = grid_position(x_scaled, zero_point, config)
-  return (pos >= config.qmin) & (pos <= config.qmax)
-
-
-def _effective_zero_point(zero_point, config: QatConfig, dtype):
-  # A learned (LSQ) zero point is a float parameter; the grid needs an integer.
-  zp = jnp.asarray(zero_point, dtype)
-  if config.symmetric:
-    return jnp.zeros_like(zp)
-  return jnp.clip(jnp.round(zp), config.qmin, config.qmax)
+from jqat._src.qparams import MIN_SCALE, QParams
 
 
 def _forward(x, scale, zero_point, config: QatConfig):
-  """Fake-quant forward on grouped-layout arrays; also returns the in-range mask."""
-  cd = formats.compute_dtype(x.dtype)
-  xs = to_grid_units(x.astype(cd), scale.astype(cd))
-  zp = _effective_zero_point(zero_point, config, cd)
-  q = quantize_grid(xs, zp, config)
-  y = ((q - zp) * scale.astype(cd)).astype(x.dtype)
-  return y, q, xs, zp, in_range(xs, zp, config)
+  """Fake-quant forward on grouped-layout arrays: ``(y, q, x / s, z, in-range mask)``."""
+  return numerics.fake_quant_values(x, scale, zero_point, config, formats.compute_dtype(x.dtype))
 
 
 # --- clipped STE (Bengio et al. 2013) --------------------------------------------
@@ -130,19 +64,26 @@ def _sum_to(t: jax.Array, shape) -> jax.Array:
   return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
 
 
+def _lsq_scale(scale):
+  # A learned scale that training drives to 0 or below would leave no grid:
+  # the forward uses max(scale, MIN_SCALE). Its gradient passes straight
+  # through the clamp, so the scale can be trained back up.
+  return jnp.maximum(scale, jnp.asarray(MIN_SCALE, jnp.result_type(scale)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fake_quant_lsq(config, x, scale, zero_point, grad_scale):
-  return _forward(x, scale, zero_point, config)[0]
+  return _forward(x, _lsq_scale(scale), zero_point, config)[0]
 
 
 def _fake_quant_lsq_fwd(config, x, scale, zero_point, grad_scale):
-  y, _, _, _, _ = _forward(x, scale, zero_point, config)
+  y, _, _, _, _ = _forward(x, _lsq_scale(scale), zero_point, config)
   return y, (x, scale, zero_point)
 
 
 def _fake_quant_lsq_bwd(config, grad_scale, res, g):
   x, scale, zero_point = res
-  _, q, xs, zp, inside = _forward(x, scale, zero_point, config)
+  _, q, xs, zp, inside = _forward(x, _lsq_scale(scale), zero_point, config)
   cd = xs.dtype
   gc = g.astype(cd)
   below = xs + zp < config.qmin
@@ -157,7 +98,7 @@ def _fake_quant_lsq_bwd(config, grad_scale, res, g):
   else:
     # x_hat = (clip(.) - z) * s: the zero point moves the output only where
     # the input is clipped, by -s per unit (PyTorch's learnable fake quant).
-    dz_elem = jnp.where(inside, 0.0, -scale.astype(cd))
+    dz_elem = jnp.where(inside, 0.0, -_lsq_scale(scale).astype(cd))
     dz = (_sum_to(gc * dz_elem, jnp.shape(zero_point)) * grad_scale).astype(jnp.result_type(zero_point))
   return dx, ds.astype(jnp.result_type(scale)), dz
 
@@ -201,16 +142,30 @@ def fake_quant(
     ``dy/ds = round(x/s) - x/s`` inside, ``qmin - z`` below, ``qmax - z``
     above, and ``dy/dz = -s`` outside the range (0 inside), both multiplied by
     ``grad_scale`` (default ``1 / sqrt(N * qmax)``, N the elements per scale).
+    The forward uses ``max(s, MIN_SCALE)`` (``MIN_SCALE = 2^-126``), so a
+    learned scale driven to 0 or below still has a grid; its gradient passes
+    the clamp unchanged.
+
+  NaN: a NaN element stays NaN in ``y`` and is not "clipped", so its
+  gradient passes as in float arithmetic. ±Inf is clipped to the grid's ends.
 
   Args:
     x: float array (float32, bfloat16, float16 or float64).
-    qparams: ``QParams`` in the parameter layout of ``x`` (see
-      ``qparams_from_range``); scalars broadcast.
+    qparams: ``QParams`` in the parameter layout of ``x``
+      (``params_shape(x.shape, config)``; leading size-1 axes may be left out,
+      and a per-tensor scale may be a scalar).
     config: the format and mode.
     grad_scale: LSQ only; overrides the default gradient scale.
 
   Returns:
     The fake-quantized array, same shape and dtype as ``x``.
+
+  Raises:
+    TypeError: for a non-float ``x``, ``qparams`` that are not ``QParams`` or
+      a config that is not a ``QatConfig``.
+    ValueError: for parameters that do not fit ``params_shape`` (both shapes
+      are named), a concrete scale that is not positive and finite (STE), or
+      a nonzero zero point under a symmetric config.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -226,10 +181,11 @@ def fake_quant(
     stochastic neurons for conditional computation", 2013.
     Esser et al., "Learned Step Size Quantization", ICLR 2020.
   """
+  qparams_lib.check_config(config, "fake_quant")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"fake_quant needs a float array, got dtype {x.dtype}")
-  qparams_lib.kept_axes(x.shape, config)  # a channel or group axis that x lacks is an error, not a silent broadcast
+  qparams_lib.check_qparams(qparams, x.shape, config, "fake_quant", lsq=config.estimator is Estimator.LSQ)
   scale = qparams_lib.params_to_groups(qparams.scale, x.ndim, config)
   zero_point = qparams_lib.params_to_groups(qparams.zero_point, x.ndim, config)
   xg = qparams_lib.to_groups(x, config)

@@ -17,17 +17,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jqat._src import formats, int_ops
+from jqat._src import formats, int_kernels, numerics
 from jqat._src import qparams as qparams_lib
 from jqat._src.config import QatConfig
-from jqat._src.fake_quant import _effective_zero_point, in_range, quantize_grid, to_grid_units
 from jqat._src.qparams import QParams
 
 
 class _Static(NamedTuple):
   """Everything static about one call: hashable, passed through ``nondiff_argnums``."""
 
-  dims: int_ops.DimensionNumbers
+  dims: int_kernels.DimensionNumbers
   lhs_config: QatConfig | None
   rhs_config: QatConfig | None
   precision: object
@@ -44,11 +43,10 @@ def _storage_dtype(config: QatConfig):
 def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
   """Grid values (in their storage dtype), the in-range mask, and the parameters used."""
   cd = formats.compute_dtype(x.dtype)
-  s = qparams_lib.params_to_groups(jnp.asarray(scale), x.ndim, config).astype(cd)
-  z = _effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), x.ndim, config), config, cd)
-  xs = to_grid_units(qparams_lib.to_groups(x, config).astype(cd), s)
-  q = quantize_grid(xs, z, config)
-  inside = in_range(xs, z, config)  # the same mask as fake_quant's clipped STE
+  s = qparams_lib.params_to_groups(jnp.asarray(scale), x.ndim, config)
+  z = qparams_lib.params_to_groups(jnp.asarray(zero_point), x.ndim, config)
+  q, xs, z = numerics.quantize_values(qparams_lib.to_groups(x, config), s, z, config, cd)
+  inside = numerics.in_range(xs, z, config)  # the same mask as fake_quant's clipped STE
   q = qparams_lib.from_groups(q.astype(_storage_dtype(config)), x.shape, config)
   return q, qparams_lib.from_groups(inside, x.shape, config)
 
@@ -56,10 +54,10 @@ def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
 def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:
   """``fake_quant``'s output from its grid values: the same arithmetic, bit for bit."""
   cd = formats.compute_dtype(dtype)
-  s = qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config).astype(cd)
-  z = _effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), q.ndim, config), config, cd)
+  s = qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config)
+  z = numerics.effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), q.ndim, config), config, cd)
   qg = qparams_lib.to_groups(q, config).astype(cd)
-  return qparams_lib.from_groups(((qg - z) * s).astype(dtype), q.shape, config)
+  return qparams_lib.from_groups(numerics.dequantize_values(qg, s, z, dtype), q.shape, config)
 
 
 def _float_dot(static: _Static, a, b):
@@ -69,10 +67,10 @@ def _float_dot(static: _Static, a, b):
 
 
 def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz):
-  lhs = int_ops._Operand(ql, ls, lz, static.lhs_config)
-  rhs = int_ops._Operand(qr, rs, rz, static.rhs_config)
-  acc, scale, plan = int_ops._dot(lhs, rhs, static.dims)
-  return int_ops._rescale(acc, scale, plan.grouped).astype(static.out_dtype)
+  lhs = int_kernels.Operand(ql, ls, lz, static.lhs_config)
+  rhs = int_kernels.Operand(qr, rs, rz, static.rhs_config)
+  acc, scale, plan = int_kernels.accumulate(lhs, rhs, static.dims)
+  return int_kernels.rescale(acc, scale, plan).astype(static.out_dtype)
 
 
 def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
@@ -96,6 +94,11 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
     a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lhs.dtype)
     b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rhs.dtype)
     y = _float_dot(static, a, b)
+  # An integer grid has no NaN: rows and columns that met a NaN or Inf are
+  # made non-finite, as the float dot would give them (one fused reduction).
+  bad = int_kernels.nonfinite_out(lhs, rhs, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None)
+  if bad is not None:
+    y = jnp.where(bad, jnp.asarray(jnp.nan, y.dtype), y)
   # Low-precision values and byte masks instead of float copies: the backward
   # rebuilds fake_quant(x) from them with one elementwise op.
   return y, (ql, ml, ls, lz, qr, mr, rs, rz)
@@ -151,7 +154,7 @@ def _integer_path_applies(lhs, rhs, dims, lcfg: QatConfig | None, rcfg: QatConfi
     k *= lhs.shape[a]
   # Training keeps one int32 sum; a contraction long enough to need pieces
   # is left to the float dot.
-  return int_ops.accumulator_bound(lcfg, rcfg, k) <= int_ops.INT32_MAX
+  return int_kernels.accumulator_bound(lcfg, rcfg, k) <= int_kernels.INT32_MAX
 
 
 def qat_dot_general(
@@ -194,6 +197,11 @@ def qat_dot_general(
   Only the int8 (or fp8) values and the in-range masks are kept for the
   backward, not float copies of the operands.
 
+  NaN and ±Inf: the outputs whose row of ``lhs`` or column of ``rhs`` holds
+  one are NaN, as in the float dot (an integer grid would otherwise turn the
+  NaN into 0 and hide it); a NaN input is not "clipped", so the gradients
+  that flow from a NaN loss stay NaN.
+
   Args:
     lhs: left operand, float.
     rhs: right operand, float.
@@ -214,6 +222,12 @@ def qat_dot_general(
 
   Returns:
     The product, shaped as ``lax.dot_general``'s.
+
+  Raises:
+    TypeError: for non-float operands, or qparams that are not ``QParams``.
+    ValueError: when the operands' axes differ, or qparams do not fit their
+      operand's ``params_shape`` (both shapes named), or a concrete scale is
+      not positive and finite, or a symmetric config gets a nonzero zero point.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -247,18 +261,28 @@ def qat_dot_general(
   for name, x in (("lhs", lhs), ("rhs", rhs)):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"qat_dot_general needs float operands, got {name} of dtype {x.dtype}")
-  dims = int_ops._normalize_dims(dimension_numbers, lhs.ndim, rhs.ndim)
-  ls, lz = _params_or_placeholder(lhs_qparams, lhs_config, "lhs")
-  rs, rz = _params_or_placeholder(rhs_qparams, rhs_config, "rhs")
+  dims = int_kernels.normalize_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  (lc, rc), (lb, rb) = dims
+  for a, b in list(zip(lc, rc)) + list(zip(lb, rb)):
+    if lhs.shape[a] != rhs.shape[b]:
+      raise ValueError(
+        f"qat_dot_general: the operands do not fit: lhs of shape {lhs.shape} axis {a} has {lhs.shape[a]} "
+        f"elements but rhs of shape {rhs.shape} axis {b} has {rhs.shape[b]}"
+      )
+  ls, lz = _params_or_placeholder(lhs_qparams, lhs_config, "lhs", lhs.shape)
+  rs, rz = _params_or_placeholder(rhs_qparams, rhs_config, "rhs", rhs.shape)
   integer = _integer_path_applies(lhs, rhs, dims, lhs_config, rhs_config, ls, lz, rs, rz)
   static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer, lhs_may_clip, rhs_may_clip)
   return _qat_dot(static, lhs, rhs, ls, lz, rs, rz)
 
 
-def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: str):
+def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: str, shape):
   if config is None:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero
   if qp is None:
-    raise ValueError(f"{name}_config is set but {name}_qparams is None")
-  return jnp.asarray(qp.scale), jnp.asarray(qp.zero_point)
+    raise ValueError(f"qat_dot_general: {name}_config is set but {name}_qparams is None")
+  where = f"qat_dot_general ({name})"
+  qparams_lib.check_qparams(qp, shape, config, where)
+  expected = qparams_lib.params_shape(shape, config)
+  return qparams_lib.to_params_shape(qp.scale, expected), qparams_lib.to_params_shape(qp.zero_point, expected)

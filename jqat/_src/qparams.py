@@ -1,27 +1,54 @@
 """Scale and zero point: from a range, or from the range of an array.
 
-Layout of the parameters. For a tensor ``x`` and a config, ``scale`` and
-``zero_point`` have ``x.ndim`` dimensions: size 1 on every reduced axis, the
-full size on each per-channel axis and ``x.shape[group_axis] // group_size``
+Layout of the parameters (``params_shape``). Per-tensor parameters are
+scalars, shape ``()``, from every entry point (``qparams_from_array``,
+``calibrate_model``, ``finalize_stats``, ``QTensor.scale``). Per-channel and
+per-group parameters have ``x.ndim`` dimensions: size 1 on every reduced axis,
+the full size on each per-channel axis and ``x.shape[group_axis] // group_size``
 on the group axis. Per-tensor and per-channel parameters therefore broadcast
 against ``x``; per-group ones broadcast against ``x`` with its group axis split
 into ``(num_groups, group_size)`` (see ``to_groups``).
+
+``check_qparams`` is what every function taking ``QParams`` for a tensor
+calls: the parameters must have ``params_shape`` (leading size-1 axes may be
+left out, and a per-tensor scale may be given as any size-1 array), a concrete
+scale must be positive and finite, and a concrete zero point must be 0 under a
+symmetric config.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jqat._src.config import QatConfig
 
-# The smallest scale handed out (float32 epsilon, as torch.ao does): a
-# degenerate range (all zeros) still gives a positive, finite scale, and
-# x / scale cannot overflow for any finite float32 x of ordinary size.
-MIN_SCALE = float(jnp.finfo(jnp.float32).eps)
+# The scale of a degenerate (all-zero) range: the smallest normal float32,
+# 2^-126. It is only a floor: any range with amax >= qmax * 2^-126 (about
+# 1.5e-36 for int8, 6.7e-34 for fp8 e5m2) keeps its exact scale amax / qmax and
+# so every level of its format, and 1 / MIN_SCALE = 2^126 is finite, so x / scale
+# never divides by zero. (Until 0.1 this was float32 eps, 2^-23, an absolute floor
+# that cost a small range its resolution.)
+MIN_SCALE = float(jnp.finfo(jnp.float32).tiny)
+
+
+def concrete(x) -> np.ndarray | None:
+  """``x`` as a NumPy array when its value is known now, None under a trace (``jit``, ``grad``, ``vmap``)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def _shape_text(shape) -> str:
+  return str(tuple(shape))
 
 
 class QParams(NamedTuple):
@@ -66,8 +93,16 @@ def kept_axes(shape, config: QatConfig) -> tuple[int, ...]:
 
 
 def params_shape(shape, config: QatConfig) -> tuple[int, ...]:
-  """Shape of ``scale`` and ``zero_point`` for a tensor of ``shape``."""
+  """Shape of ``scale`` and ``zero_point`` for a tensor of ``shape``: ``()`` per tensor.
+
+  Examples:
+    >>> import jqat
+    >>> jqat.params_shape((4, 6), jqat.QatConfig()), jqat.params_shape((4, 6), jqat.QatConfig(per_channel=True))
+    ((), (1, 6))
+  """
   kept = kept_axes(shape, config)
+  if not kept:
+    return ()
   out = [1] * len(shape)
   for a in kept:
     out[a] = shape[a]
@@ -114,22 +149,33 @@ def reduce_axes(shape, config: QatConfig) -> tuple[int, ...]:
 
 
 def array_range(x: ArrayLike, config: QatConfig) -> tuple[jax.Array, jax.Array]:
-  """(min, max) of ``x`` at the granularity of ``config``, in the parameter layout.
+  """(min, max) of the finite values of ``x`` at the granularity of ``config``, in the parameter layout.
+
+  NaN and ±Inf are left out of the range (they have no place on a grid; the
+  functions that quantize ``x`` make them visible in their results), and a
+  block with no finite value gets ``[0, 0]``.
+
+  Raises:
+    ValueError: for an empty ``x``.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
     >>> cfg = jqat.QatConfig(per_channel=True)
-    >>> lo, hi = jqat.array_range(jnp.array([[1., -2.], [3., 4.]]), cfg)
+    >>> lo, hi = jqat.array_range(jnp.array([[1., -2.], [3., jnp.nan]]), cfg)
     >>> lo.tolist(), hi.tolist()
-    ([[1.0, -2.0]], [[3.0, 4.0]])
+    ([[1.0, -2.0]], [[3.0, -2.0]])
   """
   x = jnp.asarray(x)
+  if x.size == 0:
+    raise ValueError(f"array_range: x of shape {x.shape} is empty; a range needs at least one element")
   xg = to_groups(x, config)
   axes = reduce_axes(x.shape, config)
   shape = params_shape(x.shape, config)
-  lo = jnp.min(xg, axis=axes, keepdims=True).reshape(shape)
-  hi = jnp.max(xg, axis=axes, keepdims=True).reshape(shape)
-  return lo, hi
+  finite = jnp.isfinite(xg)
+  lo = jnp.min(jnp.where(finite, xg, jnp.inf), axis=axes, keepdims=True).reshape(shape)
+  hi = jnp.max(jnp.where(finite, xg, -jnp.inf), axis=axes, keepdims=True).reshape(shape)
+  seen = lo <= hi
+  return jnp.where(seen, lo, 0).astype(x.dtype), jnp.where(seen, hi, 0).astype(x.dtype)
 
 
 def to_grid_units(x: jax.Array, scale) -> jax.Array:
@@ -142,6 +188,11 @@ def to_grid_units(x: jax.Array, scale) -> jax.Array:
   Written as the multiplication, the result is the same eager, under jit and
   fused into any larger computation, so ``qparams_from_range``, ``fake_quant``
   and ``quantize`` always agree.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> float(to_grid_units(jnp.float32(1.0), 4.0))
+    0.25
   """
   return x * (1 / scale)
 
@@ -160,18 +211,33 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   Each ``a / b`` is evaluated as ``a * (1 / b)`` (see ``to_grid_units``), so
   the parameters are the same bits whether computed eagerly or under jit.
 
-  A degenerate range (all zeros) gives ``scale = MIN_SCALE`` (float32 eps),
-  never 0, NaN or Inf. Rounding is half to even.
+  A degenerate range (all zeros) gives ``scale = MIN_SCALE`` (2^-126), never
+  0, NaN or Inf; any other finite range keeps its exact scale down to
+  ``amax = qmax * 2^-126``, so a small range keeps every level of the format.
+  An asymmetric range wider than the largest float (``max - min`` overflows)
+  still gets a finite scale. Rounding is half to even.
+
+  Bad bounds. Known (concrete) bounds that are NaN or ±Inf, or with
+  ``min > max``, raise. Under ``jit`` the bounds are not known when this
+  runs; there a NaN bound gives a NaN scale, an infinite bound an infinite
+  scale and ``min > max`` a NaN scale, each only for the ranges concerned
+  (one bad channel does not touch the others), so the result is visibly
+  non-finite, never a plausible finite number.
 
   Args:
     min_val: lower ends of the ranges, any shape (the parameter layout when
       the ranges come from ``array_range``).
-    max_val: upper ends, same shape as ``min_val``.
+    max_val: upper ends, the shape of ``min_val`` (or either one a scalar).
     config: the format and mode.
 
   Returns:
-    ``QParams`` with float32 arrays of the broadcast shape of the inputs
-    (float64 if they are float64).
+    ``QParams`` with float32 arrays of the shape of the inputs (float64 if
+    they are float64).
+
+  Raises:
+    ValueError: for bounds of two different shapes, an empty bound, and for
+      concrete non-finite bounds or ``min > max``.
+    TypeError: for a config that is not a ``QatConfig``.
 
   Examples:
     >>> import jqat
@@ -180,31 +246,170 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
     (0.0156863, -64.0)
     >>> float(jqat.qparams_from_range(0.0, 0.0, jqat.QatConfig()).scale) > 0
     True
+    >>> jqat.qparams_from_range(1.0, -1.0, jqat.QatConfig())
+    Traceback (most recent call last):
+    ...
+    ValueError: qparams_from_range: min_val > max_val (1.0 > -1.0); a range needs min_val <= max_val
   """
+  check_config(config, "qparams_from_range")
   lo = jnp.asarray(min_val)
   hi = jnp.asarray(max_val)
+  if lo.shape != hi.shape and lo.ndim and hi.ndim:
+    raise ValueError(
+      f"qparams_from_range: min_val of shape {lo.shape} and max_val of shape {hi.shape} differ; "
+      "pass bounds of one shape (either may be a scalar)"
+    )
+  if lo.size == 0 or hi.size == 0:
+    raise ValueError(f"qparams_from_range: empty bounds (shapes {lo.shape} and {hi.shape}); a range needs a value")
+  for name, v in (("min_val", lo), ("max_val", hi)):
+    if not (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)):
+      raise TypeError(f"qparams_from_range: {name} must be real numbers, got dtype {v.dtype}")
+  clo, chi = concrete(lo), concrete(hi)
+  if clo is not None and chi is not None:
+    for name, v in (("min_val", clo), ("max_val", chi)):
+      bad = ~np.isfinite(v.astype(np.float64))
+      if bad.any():
+        raise ValueError(
+          f"qparams_from_range: {name} holds {int(bad.sum())} non-finite value(s) (e.g. {v[bad].flat[0]}); "
+          "a range needs finite bounds (calibration statistics skip NaN and Inf)"
+        )
+    inverted = np.broadcast_to(clo, np.broadcast_shapes(clo.shape, chi.shape)) > chi
+    if inverted.any():
+      idx = np.argwhere(inverted)[0] if inverted.ndim else ()
+      a = np.broadcast_to(clo, inverted.shape)[tuple(idx)]
+      b = np.broadcast_to(chi, inverted.shape)[tuple(idx)]
+      where = f" at index {tuple(int(i) for i in idx)}" if inverted.ndim else ""
+      raise ValueError(f"qparams_from_range: min_val > max_val{where} ({a} > {b}); a range needs min_val <= max_val")
   dtype = jnp.result_type(lo.dtype, hi.dtype, jnp.float32)
+  inverted = lo.astype(dtype) > hi.astype(dtype)
   lo = jnp.minimum(lo.astype(dtype), 0)
   hi = jnp.maximum(hi.astype(dtype), 0)
   qmin, qmax = config.qmin, config.qmax
   if config.symmetric:
     amax = jnp.maximum(-lo, hi)
     scale = jnp.maximum(to_grid_units(amax, float(qmax)), MIN_SCALE)
+  else:
+    levels = float(qmax - qmin)
+    width = hi - lo
+    # hi - lo overflows for a range wider than the largest float; the
+    # difference of the two quotients does not (and is only used there).
+    wide = to_grid_units(hi, levels) - to_grid_units(lo, levels)
+    scale = jnp.where(jnp.isinf(width) & jnp.isfinite(hi) & jnp.isfinite(lo), wide, to_grid_units(width, levels))
+    scale = jnp.maximum(scale, MIN_SCALE)
+  # min > max under a trace: no plausible number, a visible NaN.
+  scale = jnp.where(inverted, jnp.nan, scale)
+  if config.symmetric:
     zero_point = jnp.zeros_like(scale)
   else:
-    scale = jnp.maximum(to_grid_units(hi - lo, float(qmax - qmin)), MIN_SCALE)
     zero_point = jnp.clip(qmin - jnp.round(to_grid_units(lo, scale)), qmin, qmax)
   return QParams(scale=scale, zero_point=zero_point)
 
 
 def qparams_from_array(x: ArrayLike, config: QatConfig) -> QParams:
-  """``qparams_from_range`` over the min and max of ``x`` (dynamic quantization).
+  """``qparams_from_range`` over the min and max of the finite values of ``x`` (dynamic quantization).
+
+  NaN and ±Inf do not enter the range (see ``array_range``); ``quantize``,
+  ``qat_dot_general`` and the integer kernels make them visible in their results.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
     >>> qp = jqat.qparams_from_array(jnp.array([-2.0, 1.0]), jqat.QatConfig())
-    >>> round(float(qp.scale[0]), 6)
-    0.015748
+    >>> qp.scale.shape, round(float(qp.scale), 6)
+    ((), 0.015748)
   """
+  check_config(config, "qparams_from_array")
   lo, hi = array_range(x, config)
   return qparams_from_range(lo, hi, config)
+
+
+def check_config(config, where: str) -> None:
+  """Raises ``TypeError`` unless ``config`` is a ``QatConfig``."""
+  if not isinstance(config, QatConfig):
+    raise TypeError(
+      f"{where}: config must be a jqat.QatConfig, got {type(config).__name__} {config!r}; "
+      "e.g. jqat.QatConfig(bits='int8')"
+    )
+
+
+def _fits(shape, expected, ndim: int) -> bool:
+  """Whether a parameter of ``shape`` is ``expected`` up to leading size-1 axes (both at most ``ndim`` axes)."""
+  if len(shape) > ndim:
+    return False
+  pad = (1,) * (ndim - len(shape)) + tuple(shape)
+  exp = (1,) * (ndim - len(expected)) + tuple(expected)
+  return pad == exp
+
+
+def check_qparams(qparams, shape, config: QatConfig, where: str, *, lsq: bool = False) -> None:
+  """Checks ``QParams`` for a tensor of ``shape``; raises in ``where``'s words.
+
+  * ``qparams`` must be a ``QParams``.
+  * ``scale`` must have ``params_shape(shape, config)``, up to leading size-1
+    axes (``(6,)`` for ``(1, 6)``; a per-tensor scale may be any size-1 array
+    of at most ``len(shape)`` axes). A shape that would broadcast onto other
+    axes is an error, not a silent broadcast.
+  * ``zero_point``: the same shape as ``scale``, or a single value.
+  * Concrete values (not under a trace): the scale positive and finite
+    (except ``lsq``: a learned scale is clamped instead, see ``fake_quant``),
+    and under a symmetric config the zero point 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, jqat
+    >>> cfg = jqat.QatConfig(per_channel=True)
+    >>> check_qparams(jqat.QParams(jnp.ones((4, 1)), jnp.zeros((4, 1))), (4, 8), cfg, "fake_quant")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: fake_quant: scale of shape (4, 1) does not fit a tensor of shape (4, 8) ...: expected shape (1, 8)
+  """
+  check_config(config, where)
+  if not (isinstance(qparams, QParams) or (hasattr(qparams, "scale") and hasattr(qparams, "zero_point"))):
+    raise TypeError(
+      f"{where}: qparams must be a jqat.QParams (from jqat.qparams_from_range / qparams_from_array, or "
+      f"jqat.QParams(scale, zero_point)), got {type(qparams).__name__}"
+    )
+  check_params_shape(jnp.shape(qparams.scale), jnp.shape(qparams.zero_point), shape, config, where)
+  s = concrete(qparams.scale)
+  if s is not None and not lsq:
+    s = s.astype(np.float64)
+    bad = ~(np.isfinite(s) & (s > 0))
+    if bad.any():
+      raise ValueError(
+        f"{where}: scale must be positive and finite, got {s[bad].flat[0]} ({int(bad.sum())} of {s.size} "
+        "values); a zero or negative scale has no grid"
+      )
+  if config.symmetric:
+    z = concrete(qparams.zero_point)
+    if z is not None and np.any(z != 0):
+      raise ValueError(
+        f"{where}: zero_point holds nonzero values (e.g. {z[z != 0].flat[0]}) but the config is symmetric, "
+        "which would drop them; quantize with QatConfig(symmetric=False) for asymmetric parameters"
+      )
+
+
+def check_params_shape(scale_shape, zero_point_shape, shape, config: QatConfig, where: str) -> tuple[int, ...]:
+  """The shape checks of ``check_qparams`` alone; returns ``params_shape(shape, config)``."""
+  expected = params_shape(tuple(shape), config)
+  ndim = len(shape)
+  granularity = (
+    f"per_channel={config.per_channel}, channel_axis={config.channel_axis!r}, group_size={config.group_size}"
+  )
+  per_tensor = all(d == 1 for d in expected)
+  for name, got in (("scale", tuple(scale_shape)), ("zero_point", tuple(zero_point_shape))):
+    ok = _fits(got, expected, ndim) or (per_tensor and math.prod(got) == 1 and len(got) <= ndim)
+    if name == "zero_point" and math.prod(got) == 1 and len(got) <= ndim:
+      ok = True  # one zero point for every scale is never the wrong axis
+    if not ok:
+      raise ValueError(
+        f"{where}: {name} of shape {_shape_text(got)} does not fit a tensor of shape {_shape_text(shape)} "
+        f"under the config ({granularity}): expected shape {_shape_text(expected)}"
+      )
+  return expected
+
+
+def to_params_shape(p, expected) -> jax.Array:
+  """A parameter that passed ``check_params_shape``, in exactly the ``expected`` shape."""
+  p = jnp.asarray(p)
+  if math.prod(p.shape) == 1:
+    return jnp.broadcast_to(p.reshape(()), expected)
+  return p.reshape(expected)

@@ -19,8 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
+
+from jqat._src import numerics
+from jqat._src.formats import QuantBits
 
 
 def _as_counts(counts: ArrayLike) -> jax.Array:
@@ -63,6 +67,43 @@ def _df_exclusive_cumsum(v: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.concatenate([zero, hi]), jnp.concatenate([zero, lo])
 
 
+def check_percentile(percentile) -> None:
+  """Raises unless ``percentile`` is a number in ``(0, 100]``; one that looks like a fraction gets a hint.
+
+  A value of 1 or less (0.9999) is almost certainly a fraction meant as a
+  percentage, so it is refused with the percentage it probably means. A
+  traced percentile (an array under ``jit``) cannot be checked here and is
+  used as it is.
+
+  Raises:
+    TypeError: for a percentile that is not a real number.
+    ValueError: for one outside ``(1, 100]``.
+
+  Examples:
+    >>> from jqat._src.calibration.stats import check_percentile
+    >>> check_percentile(99.99)
+    >>> check_percentile(0.9999)
+    Traceback (most recent call last):
+    ...
+    ValueError: percentile=0.9999 looks like a fraction; percentile is in percent, in (0, 100]: did you mean 99.99?
+  """
+  if isinstance(percentile, jax.core.Tracer):
+    return
+  if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.integer, np.floating)):
+    arr = np.asarray(percentile) if hasattr(percentile, "__array__") else None
+    if arr is None or arr.shape != () or not np.issubdtype(arr.dtype, np.number):
+      raise TypeError(f"percentile={percentile!r} is invalid; allowed: a number in (0, 100]")
+    percentile = arr.item()
+  p = float(percentile)
+  if not np.isfinite(p) or p <= 0 or p > 100:
+    raise ValueError(f"percentile={percentile!r} is invalid; allowed: a number in (0, 100] (percent, e.g. 99.99)")
+  if p <= 1:
+    raise ValueError(
+      f"percentile={percentile!r} looks like a fraction; percentile is in percent, in (0, 100]: "
+      f"did you mean {p * 100:g}?"
+    )
+
+
 def percentile_amax(counts: ArrayLike, bin_width: ArrayLike, percentile: ArrayLike = 99.99) -> jax.Array:
   """Left edge of the bin where the cumulative distribution first reaches ``percentile``.
 
@@ -86,6 +127,7 @@ def percentile_amax(counts: ArrayLike, bin_width: ArrayLike, percentile: ArrayLi
     >>> float(jqat.percentile_amax([5, 3, 1, 1], 0.5, 90.0))
     1.0
   """
+  check_percentile(percentile)
   if isinstance(percentile, (int, float)):
     tail_frac = (100.0 - percentile) / 100.0
   else:
@@ -216,12 +258,14 @@ def entropy_amax(counts: ArrayLike, bin_width: ArrayLike, *, num_levels: int = 1
 
 
 def _fake_quant_grid(x: jax.Array, amax: jax.Array, qmax: float, fp8_dtype: DTypeLike | None) -> jax.Array:
-  scale = qmax / amax
-  if fp8_dtype is None:
-    q = jnp.clip(jnp.round(x * scale), -qmax, qmax)
-  else:
-    q = jnp.clip(x * scale, -qmax, qmax).astype(fp8_dtype).astype(x.dtype)
-  return q / scale
+  # The one quantize -> dequantize arithmetic (numerics) on the symmetric grid
+  # [-qmax, qmax], with the scale qparams_from_range gives amax: amax * (1 / qmax).
+  bits = None if fp8_dtype is None else QuantBits(jnp.dtype(fp8_dtype).name)
+  g = numerics.Grid(-float(qmax), float(qmax), bits)
+  scale = numerics.to_grid_units(amax, float(qmax))
+  zero = jnp.zeros((), x.dtype)
+  q = numerics.quantize_grid(numerics.to_grid_units(x, scale), zero, g)
+  return numerics.dequantize_values(q, scale, zero, x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("qmax", "start_bin", "fp8_dtype"))
@@ -237,10 +281,11 @@ def mse_amax(
 
   For every centre ``c_i``, ``i`` in ``start_bin .. len(counts) - 1``:
   ``mse_i = mean(counts * (fq(c; c_i) - c)^2)`` over all centres ``c``, where
-  ``fq`` is the symmetric fake quant ``clip(round(c * qmax / amax), ±qmax) *
-  amax / qmax`` (rounding half to even), or with ``fp8_dtype`` the cast of
-  ``clip(c * qmax / amax, ±qmax)`` to that float8 format (``qmax`` is then its
-  max). ``amax = c_i`` of the first minimum.
+  ``fq`` is the symmetric fake quant with scale ``s = amax / qmax``,
+  ``clip(round(c / s), ±qmax) * s`` (rounding half to even), or with
+  ``fp8_dtype`` ``clip(c / s, ±qmax)`` rounded to that float8 format (``qmax``
+  is then its max): the arithmetic of ``fake_quant`` (``jqat._src.numerics``),
+  with ``c / s`` evaluated as ``c * (1 / s)``. ``amax = c_i`` of the first minimum.
 
   Args:
     counts: 1-D histogram of ``|x|``.

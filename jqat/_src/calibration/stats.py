@@ -33,6 +33,7 @@ from jqat._src.calibration import histogram as hist_lib
 from jqat._src.calibration import range_stats, search
 from jqat._src.calibration.histogram import HistogramState
 from jqat._src.calibration.range_stats import MovingAverageState, RangeState
+from jqat._src.calibration.search import check_percentile as check_percentile
 from jqat._src.config import CalibMethod, QatConfig
 
 StatsState = RangeState | MovingAverageState | HistogramState
@@ -93,9 +94,9 @@ def init_stats(
     >>> cfg = jqat.QatConfig()
     >>> s = jqat.init_stats((2, 3), cfg, "minmax")
     >>> s = jqat.update_stats(s, jnp.array([[1., -2., 3.], [0., 5., jnp.nan]]))
-    >>> float(s.min[0, 0]), float(s.max[0, 0]), int(s.nonfinite)
+    >>> float(s.min), float(s.max), int(s.nonfinite)
     (-2.0, 5.0, 1)
-    >>> round(float(jqat.finalize_stats(s, cfg, "minmax").scale[0, 0]), 6)
+    >>> round(float(jqat.finalize_stats(s, cfg, "minmax").scale), 6)
     0.03937
   """
   method = _method(method)
@@ -193,6 +194,7 @@ def histogram_threshold(
 ) -> jax.Array:
   """The threshold ``amax`` that ``method`` picks from a histogram state (0 when nothing was seen)."""
   method = _method(method)
+  check_percentile(percentile)
   if method not in HISTOGRAM_METHODS:
     raise ValueError(f"histogram_threshold needs one of {[m.value for m in HISTOGRAM_METHODS]}, got {method.value!r}")
   if isinstance(percentile, (int, float)):
@@ -231,19 +233,20 @@ def finalize_stats(
   * ``HistogramState``: ``PERCENTILE``, ``ENTROPY``, ``MSE``, or ``MINMAX``
     from its exact min and max; per-tensor, scalar parameters.
 
-  Scale and zero point are in the layout of ``jqat.params_shape`` (scalars for
-  a histogram). A state that saw no finite value gives the smallest positive
+  Scale and zero point are in the layout of ``jqat.params_shape`` (scalars
+  per tensor). A state that saw no finite value gives the smallest positive
   scale. Jittable with ``config`` and ``method`` static.
 
   Args:
     state: from ``init_stats`` / ``update_stats`` / ``merge_stats``.
     config: the format and mode.
     method: a ``CalibMethod`` or its name.
-    percentile: for ``PERCENTILE``, in ``(0, 100]``.
+    percentile: for ``PERCENTILE``, in ``(0, 100]`` (``check_percentile``).
 
   Raises:
-    ValueError: for a method the state cannot serve, or a per-channel config
-      with a histogram or per-tensor state.
+    ValueError: for a method the state cannot serve, a per-channel config
+      with a histogram or per-tensor state, or a percentile outside
+      ``(1, 100]`` (``check_percentile``).
 
   Examples:
     >>> import jax.numpy as jnp, jqat
@@ -256,6 +259,7 @@ def finalize_stats(
   """
   _check_state(state)
   method = _method(method)
+  check_percentile(percentile)
   name = type(state).__name__
   if isinstance(state, HistogramState):
     _check_per_tensor(config, method)

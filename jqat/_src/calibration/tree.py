@@ -36,8 +36,8 @@ def init(tree, config: QatConfig, method: CalibMethod | str, **kwargs):
   Examples:
     >>> import jax.numpy as jnp, jqat
     >>> st = jqat.init_tree({"a": jnp.zeros((2, 3))}, jqat.QatConfig(), "minmax")
-    >>> st["a"].min.shape
-    (1, 1)
+    >>> st["a"].min.shape  # per tensor: a scalar
+    ()
   """
   return jax.tree.map(lambda x: stats.init_stats(jnp.shape(x), config, method, **kwargs), tree)
 
@@ -53,7 +53,7 @@ def observe(stats_tree, activations_tree):
     >>> cfg = jqat.QatConfig()
     >>> st = jqat.init_tree({"a": jnp.zeros(3), "b": jnp.zeros(2)}, cfg, "minmax")
     >>> st = jqat.observe(st, {"a": jnp.array([1.0, -4.0, 2.0]), "b": jnp.array([0.5, 0.25])})
-    >>> float(st["a"].min[0]), float(st["b"].max[0])
+    >>> float(st["a"].min), float(st["b"].max)
     (-4.0, 0.5)
   """
   _check_same("observe", stats_tree, activations_tree, "statistics", "activations")
@@ -71,7 +71,12 @@ def merge(a_tree, b_tree):
 
 
 def finalize(stats_tree, config: QatConfig, method: CalibMethod | str, *, percentile: ArrayLike = 99.99):
-  """``QParams`` for every state of a statistics tree (``finalize_stats``)."""
+  """``QParams`` for every state of a statistics tree (``finalize_stats``).
+
+  Raises:
+    ValueError: for a percentile outside ``(1, 100]`` (``check_percentile``), before any state is finalized.
+  """
+  stats.check_percentile(percentile)
   return jax.tree.map(
     lambda s: stats.finalize_stats(s, config, method, percentile=percentile), stats_tree, is_leaf=_is_state
   )
@@ -128,19 +133,23 @@ def calibrate_model(
     ``{name: QuantizationSpec}``.
 
   Raises:
-    ValueError: for a name with no batches, an empty batch, or an invalid
-      method / config combination.
+    ValueError: for a name with no batches, an empty batch, batches of one
+      name whose shapes disagree on the channel or group axes (both shapes
+      are named), a percentile outside ``(1, 100]`` (checked before any batch
+      runs), or an invalid method / config combination.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
     >>> x = jnp.linspace(-2.0, 2.0, 4096)
     >>> specs = jqat.calibrate_model({"fc1": [x, 0.5 * x]}, method="entropy", config=jqat.QatConfig())
     >>> spec = specs["fc1"]
-    >>> spec.layer_name, spec.method, round(float(spec.scale[0]) * 127, 4)
-    ('fc1', <CalibMethod.ENTROPY: 'entropy'>, 2.0)
+    >>> spec.layer_name, spec.method, spec.scale.shape, round(float(spec.scale) * 127, 4)
+    ('fc1', <CalibMethod.ENTROPY: 'entropy'>, (), 2.0)
   """
   config = QatConfig() if config is None else config
+  qp_lib.check_config(config, "calibrate_model")
   method = stats._method(method)
+  stats.check_percentile(percentile)
   specs = {}
   for name, batches in activations.items():
     if isinstance(batches, jax.Array) or hasattr(batches, "__array__"):
@@ -150,10 +159,16 @@ def calibrate_model(
       raise ValueError(f"calibrate_model: no batches for {name!r}")
     shape = jnp.shape(batches[0])
     state = stats.init_stats(shape, config, method, **init_kwargs)
-    for batch in batches:
+    kept = qp_lib.kept_axes(shape, config)
+    for i, batch in enumerate(batches):
       batch = jnp.asarray(batch)
       if batch.size == 0:
         raise ValueError(f"calibrate_model: an empty batch (shape {batch.shape}) for {name!r}")
+      if kept and (batch.ndim != len(shape) or any(batch.shape[a] != shape[a] for a in kept)):
+        raise ValueError(
+          f"calibrate_model: batch {i} of {name!r} has shape {batch.shape} but batch 0 has {shape}; under a "
+          f"per-channel or per-group config the batches must agree on axes {kept} (the channel and group axes)"
+        )
       state = _update(state, batch)
     qp = _finalize(state, config, method, percentile=float(percentile))
     pshape = qp_lib.params_shape(shape, config)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jqat._src import int_ops
+from jqat._src import int_kernels, int_ops
 from jqat._src import qparams as qparams_lib
 from jqat._src.calibration import range_stats
 from jqat._src.calibration import stats as calibration
@@ -528,7 +528,9 @@ def serve_dot_general(
   if lhs_qp is None:
     lhs_qp = qparams_lib.qparams_from_array(lhs, lhs_config)
   xq = quantize(lhs, lhs_qp, lhs_config)
-  return int_ops.int_dot_general(xq, wq, dimension_numbers, rhs_sums=rhs_sums, out_dtype=out_dtype)
+  if rhs_sums is not None:  # the stored column sums travel with the kernel they were computed from
+    wq = wq.replace(sums=rhs_sums, sums_axes=tuple(rc))
+  return int_ops.int_dot_general(xq, wq, dimension_numbers, out_dtype=out_dtype)
 
 
 def serve_conv(
@@ -567,19 +569,5 @@ def serve_conv(
     x = lhs if lhs_config is None else dequantize(quantize(lhs, lhs_qp, lhs_config))
     return conv(x, dequantize(wq).astype(x.dtype)).astype(out_dtype)
   xq = quantize(lhs, lhs_qp, lhs_config)
-  xi = xq.int_values().astype(jnp.int16) - xq.zero_point.astype(jnp.int16)
-  wi = wq.int_values().astype(jnp.int16)
-  if not wq.config.symmetric:
-    wi = wi - wq.zero_point.astype(jnp.int16)
-  acc = conv(xi, wi, preferred_element_type=jnp.int32)
-  dn = lax.conv_dimension_numbers(lhs.shape, wq.shape, dimension_numbers)
-  out_feature, kernel_out = dn.out_spec[1], dn.rhs_spec[0]
-  w_scale = jnp.asarray(wq.scale, jnp.float32)
-  shape = [1] * acc.ndim
-  if w_scale.size > 1:
-    shape[out_feature] = wq.shape[kernel_out]
-    w_scale = jnp.moveaxis(w_scale, kernel_out, 0).reshape(shape)
-  else:
-    w_scale = w_scale.reshape(())
-  scale = jnp.asarray(lhs_qp.scale, jnp.float32).reshape(()) * w_scale
-  return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+  # The integer convolution with the dots' overflow planner (int_kernels).
+  return int_kernels.convolve(xq, wq, conv, dimension_numbers).astype(out_dtype)

@@ -1,0 +1,137 @@
+"""NaN and Inf in the data: the outputs they touch come out non-finite, as in float, in QAT and in serving."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jqat
+
+MATMUL = (((1,), (0,)), ((), ()))
+ACT = jqat.QatConfig(symmetric=False)
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5, 8)).astype(np.float32)
+  w = (rng.standard_normal((8, 4)) * 0.3).astype(np.float32)
+  return x, w
+
+
+def _bad_lhs():
+  x, w = _data()
+  x[1, 3] = np.nan
+  x[3, 0] = np.inf
+  return x, w
+
+
+def _qat(x, w, wcfg):
+  xqp = jqat.qparams_from_array(x, ACT)  # the finite range: NaN and Inf are left out
+  wqp = jqat.qparams_from_array(w, wcfg)
+  return jqat.qat_dot_general(x, w, MATMUL, xqp, wqp, lhs_config=ACT, rhs_config=wcfg)
+
+
+WEIGHT_CONFIGS = {
+  "int8": jqat.QatConfig(per_channel=True),  # the integer forward
+  "int4_group": jqat.QatConfig(bits="int4", per_channel=True, group_size=4),  # the float forward
+  "fp8": jqat.QatConfig(bits="fp8"),
+}
+
+
+@pytest.mark.parametrize("wname", sorted(WEIGHT_CONFIGS))
+def test_qat_dot_rows_and_columns_that_meet_nan_are_non_finite(wname):
+  wcfg = WEIGHT_CONFIGS[wname]
+  x, w = _bad_lhs()
+  w[6, 2] = np.nan
+  y = np.asarray(jax.jit(_qat, static_argnums=2)(x, w, wcfg))
+  # The same cells as the float dot: rows 1 and 3 (lhs) and column 2 (rhs); the rest finite.
+  np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
+  assert np.isfinite(y).sum() == 3 * 3
+
+
+def test_qat_dot_gradients_through_nan_are_nan_as_in_float():
+  x, w = _data()
+  x[1, 3] = np.nan
+  t = np.zeros((5, 4), np.float32)
+  wcfg = WEIGHT_CONFIGS["int8"]
+
+  def loss(dot):
+    return lambda x, w: jnp.sum((dot(x, w) - t) ** 2)
+
+  qat = jax.jit(jax.grad(loss(lambda x, w: _qat(x, w, wcfg)), argnums=(0, 1)))
+  flt = jax.jit(jax.grad(loss(jnp.dot), argnums=(0, 1)))
+  for g, f in zip(qat(x, w), flt(x, w)):
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(f))
+  gx, gw = qat(x, w)
+  assert np.isnan(gx[1]).all() and np.isfinite(np.delete(gx, 1, axis=0)).all() and np.isnan(gw).all()
+
+
+def test_fake_quant_gradient_passes_a_nan_input():
+  cfg = jqat.QatConfig()
+  qp = jqat.qparams_from_range(-1.0, 1.0, cfg)
+  x = jnp.array([jnp.nan, 0.5, 3.0])
+  y = jqat.fake_quant(x, qp, cfg)
+  assert np.isnan(y[0]) and np.isfinite(y[1:]).all()
+  g = jax.grad(lambda x: jnp.sum((jqat.fake_quant(x, qp, cfg) - 1.0) ** 2))(x)
+  # NaN where float gives NaN (it used to be a silent 0), the clipped element still 0.
+  assert np.isnan(g[0]) and g[2] == 0.0 and np.isfinite(g[1])
+
+
+def test_quantize_makes_the_block_of_a_nan_visible():
+  x, _ = _bad_lhs()
+  per_token = jqat.QatConfig(symmetric=False, per_channel=True, channel_axis=0)
+  q = jqat.quantize(x, jqat.qparams_from_array(x, per_token), per_token)
+  s = np.asarray(q.scale).reshape(-1)
+  assert np.isnan(s[[1, 3]]).all() and np.isfinite(np.delete(s, [1, 3])).all()
+  d = np.asarray(jqat.dequantize(q))
+  assert np.isnan(d[[1, 3]]).all() and np.isfinite(np.delete(d, [1, 3], axis=0)).all()
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_int_dot_general_outputs_that_meet_nan_are_non_finite(bits):
+  x, w = _bad_lhs()
+  wcfg = jqat.QatConfig(bits=bits, per_channel=True)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  per_token = jqat.QatConfig(bits=bits, symmetric=False, per_channel=True, channel_axis=0)
+  per_tensor = jqat.QatConfig(bits=bits, symmetric=False)
+
+  @jax.jit
+  def serve(x, wq):
+    out = []
+    for cfg in (per_token, per_tensor):
+      xq = jqat.quantize(x, jqat.qparams_from_array(x, cfg), cfg)
+      out.append(jqat.int_matmul(xq, wq))
+    return out
+
+  y_token, y_tensor = (np.asarray(t) for t in serve(x, wq))
+  # Per token: exactly the rows of the float dot; per tensor: the whole output (one scale for every row).
+  np.testing.assert_array_equal(np.isfinite(y_token), np.isfinite(x @ w))
+  assert not np.isfinite(y_tensor).any()
+
+
+def test_weight_only_matmul_rows_that_meet_nan_are_non_finite():
+  x, w = _bad_lhs()
+  wcfg = jqat.QatConfig(per_channel=True)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  y = np.asarray(jax.jit(jqat.weight_only_matmul)(x, wq))
+  np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
+
+
+def test_int_conv_output_is_non_finite_after_a_nan_input():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+  x[1, 2, 2, 0] = np.nan
+  w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+  wcfg = jqat.QatConfig(per_channel=True)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+
+  @jax.jit
+  def conv(x, wq):
+    xq = jqat.quantize(x, jqat.qparams_from_array(x, ACT), ACT)
+    return jqat.int_conv_general_dilated(xq, wq, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y = np.asarray(conv(x, wq))
+  # One scale for the whole input: every output is NaN, never a plausible number.
+  assert np.isnan(y).all()
+  x[1, 2, 2, 0] = 0.0
+  assert np.isfinite(np.asarray(conv(x, wq))).all()
