@@ -241,9 +241,9 @@ def _batches_that_must_not_run():
   [
     ({"method": "minmaxx"}, r"method='minmaxx' is invalid; allowed: 'minmax', 'percentile', 'entropy', 'mse'"),
     ({"method": "moving_average"}, r"method='moving_average' is invalid; allowed: 'minmax'"),
-    ({"percentile": 0}, r"percentile=0 is invalid; allowed: \(0, 100\]"),
-    ({"percentile": -1}, r"percentile=-1 is invalid; allowed: \(0, 100\]"),
-    ({"percentile": 150}, r"percentile=150 is invalid; allowed: \(0, 100\]"),
+    ({"percentile": 0}, r"percentile=0 is invalid; allowed: a number in \(0, 100\]"),
+    ({"percentile": -1}, r"percentile=-1 is invalid; allowed: a number in \(0, 100\]"),
+    ({"percentile": 150}, r"percentile=150 is invalid; allowed: a number in \(0, 100\]"),
     ({"percentile": 0.9999}, r"percentile=0.9999 looks like a fraction; .*99.99"),
   ],
 )
@@ -501,7 +501,9 @@ def test_bad_arguments_to_calibrate_freeze_convert():
     qnn.convert(model, v["params"], X[:8])
   with pytest.raises(TypeError, match=r"jqat.linen.calibrate: batches must be an iterable of model inputs.*ndarray"):
     qnn.calibrate(model, v, X[:8])
-  with pytest.raises(TypeError, match=r"jqat.linen.calibrate: percentile='99' must be a number"):
+  with pytest.raises(
+    TypeError, match=r"jqat.linen.calibrate: percentile='99' is invalid; allowed: a number in \(0, 100\]"
+  ):
     qnn.calibrate(model, v, [X[:8]], percentile="99")
   with pytest.raises(TypeError, match=r"jqat.linen.freeze: variables must be a mapping"):
     qnn.freeze(None)

@@ -47,6 +47,7 @@ from jax import lax
 
 from jqat._src import qparams as qparams_lib
 from jqat._src.calibration import stats as calibration
+from jqat._src.calibration.search import check_percentile
 from jqat._src.config import CalibMethod, QatConfig
 from jqat._src.fake_quant import fake_quant
 from jqat._src.flax import common
@@ -585,17 +586,12 @@ def _check_method(method, where: str) -> CalibMethod:
 
 
 def _check_percentile(percentile, where: str) -> float:
-  if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{where}: percentile={percentile!r} must be a number in (0, 100].")
-  p = float(percentile)
-  if not 0 < p <= 100:
-    raise ValueError(f"{where}: percentile={percentile!r} is invalid; allowed: (0, 100].")
-  if p <= 1:
-    raise ValueError(
-      f"{where}: percentile={percentile!r} looks like a fraction; percentile is in percent, in (0, 100] "
-      f"(e.g. {p * 100:g} for the {p * 100:g}th percentile)."
-    )
-  return p
+  # The calibration package's rule, (0, 100] with a hint for fractions, in this function's name.
+  try:
+    check_percentile(percentile)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{where}: {e}") from None
+  return percentile
 
 
 def _check_variables(variables, where: str) -> dict:
