@@ -23,42 +23,50 @@ def _data(seed=0):
 @pytest.mark.parametrize("norm", [nn.LayerNorm(), nn.RMSNorm()])
 def test_norm_output_divided_by_s(norm):
   h, s = _data()
-  params = norm.init(jax.random.key(0), h)["params"]
+  params = jax.jit(norm.init)(jax.random.key(0), h)["params"]
   params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype), params)  # not the identity
   scale, bias = jqat.fold_into_layernorm(params["scale"], s, params.get("bias"))
   folded = {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
-  np.testing.assert_allclose(
-    norm.apply({"params": folded}, h), norm.apply({"params": params}, h) / s, rtol=1e-5, atol=1e-6
-  )
+  apply = jax.jit(norm.apply)  # one compiled call instead of op-by-op dispatch
+  np.testing.assert_allclose(apply({"params": folded}, h), apply({"params": params}, h) / s, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_relu_dense_chain():
   h, s = _data(1)
   first, second = nn.Dense(K), nn.Dense(N)
-  p1 = first.init(jax.random.key(1), h)["params"]
-  x = nn.relu(first.apply({"params": p1}, h))
-  p2 = second.init(jax.random.key(2), x)["params"]
-  kernel, bias = jqat.fold_into_dense(p1["kernel"], p1["bias"] + 0.1, s)
-  x_div = nn.relu(first.apply({"params": {"kernel": kernel, "bias": bias}}, h))  # ReLU commutes with s > 0
-  np.testing.assert_allclose(x_div, nn.relu(first.apply({"params": {**p1, "bias": p1["bias"] + 0.1}}, h)) / s,
-                             rtol=1e-5, atol=1e-6)  # fmt: skip
+  p1 = jax.jit(first.init)(jax.random.key(1), h)["params"]
+  p1 = {**p1, "bias": p1["bias"] + 0.1}
+  p2 = jax.jit(second.init)(jax.random.key(2), h)["params"]
+
+  @jax.jit
+  def hidden(p1, h):
+    return nn.relu(first.apply({"params": p1}, h))
+
+  @jax.jit
+  def model(p1, p2, h):
+    return second.apply({"params": p2}, hidden(p1, h))
+
+  kernel, bias = jqat.fold_into_dense(p1["kernel"], p1["bias"], s)
+  folded = {"kernel": kernel, "bias": bias}
+  # ReLU commutes with a positive per-channel scale.
+  np.testing.assert_allclose(hidden(folded, h), hidden(p1, h) / s, rtol=1e-5, atol=1e-6)
   # The next layer with diag(s) W computes what it did before.
-  y = second.apply({"params": p2}, nn.relu(first.apply({"params": {**p1, "bias": p1["bias"] + 0.1}}, h)))
-  y_fold = second.apply({"params": {**p2, "kernel": p2["kernel"] * s[:, None]}}, x_div)
-  np.testing.assert_allclose(y_fold, y, rtol=1e-4, atol=1e-5)
+  scaled = {**p2, "kernel": p2["kernel"] * s[:, None]}
+  np.testing.assert_allclose(model(folded, scaled, h), model(p1, p2, h), rtol=1e-4, atol=1e-5)
 
 
 def test_awq_served_through_a_folded_layernorm():
   h, _ = _data(2)
   norm = nn.LayerNorm()
-  params = norm.init(jax.random.key(0), h)["params"]
-  x = norm.apply({"params": params}, h)
+  apply = jax.jit(norm.apply)
+  params = jax.jit(norm.init)(jax.random.key(0), h)["params"]
+  x = apply({"params": params}, h)
   w = jax.random.normal(jax.random.key(3), (K, N))
-  cfg = jqat.QatConfig(bits="int4", per_channel=True, group_size=16)
-  q, s = jqat.awq(w, x, cfg, grid=5)
+  q, s = jqat.awq(w, x, jqat.QatConfig(bits="int4", per_channel=True, group_size=16), grid=5)
   scale, bias = jqat.fold_into_layernorm(params["scale"], s, params["bias"])
-  served = norm.apply({"params": {"scale": scale, "bias": bias}}, h) @ jqat.dequantize(q)
-  np.testing.assert_allclose(served, (x / s) @ jqat.dequantize(q), rtol=1e-4, atol=1e-5)
+  w_hat = jax.jit(jqat.dequantize)(q)
+  served = apply({"params": {"scale": scale, "bias": bias}}, h) @ w_hat
+  np.testing.assert_allclose(served, (x / s) @ w_hat, rtol=1e-4, atol=1e-5)
 
 
 def test_rms_norm_without_bias_and_dtypes():

@@ -89,7 +89,7 @@ def test_update_compiles_once():
   assert jqat._src.calibration.moments._update._cache_size() == before
 
 
-@settings(max_examples=25)
+@settings(max_examples=12)
 @given(
   seed=st.integers(0, 2**16),
   n=st.integers(1, 40),

@@ -83,14 +83,14 @@ def awq(
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
-    >>> x = jax.random.normal(jax.random.key(0), (256, 64)) * jnp.where(jnp.arange(64) < 4, 20.0, 1.0)
-    >>> w = jax.random.normal(jax.random.key(1), (64, 16))
-    >>> cfg = jqat.QatConfig(bits="int3", per_channel=True, group_size=32)
-    >>> q, s = jqat.awq(w, x, cfg)
-    >>> err = lambda y: float(jnp.linalg.norm(x @ w - y))
-    >>> rtn = jqat.dequantize(jqat.quantize(w, jqat.qparams_from_array(w, cfg), cfg))
-    >>> err((x / s) @ jqat.dequantize(q)) < err(x @ rtn)
-    True
+    >>> x = jax.random.normal(jax.random.key(0), (128, 32)) * jnp.where(jnp.arange(32) < 4, 20.0, 1.0)
+    >>> w = jax.random.normal(jax.random.key(1), (32, 8))
+    >>> cfg = jqat.QatConfig(bits="int3", per_channel=True, group_size=16)
+    >>> q, s = jqat.awq(w, x, cfg, grid=10)
+    >>> rtn, ones = jqat.awq(w, x, cfg, grid=1)  # only alpha = 0: s = 1, round to nearest
+    >>> err = lambda q, s: float(jnp.linalg.norm(x @ w - (x / s) @ jqat.dequantize(q)))
+    >>> bool((ones == 1).all()), err(q, s) < err(rtn, ones)
+    (True, True)
 
   References:
     Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression
