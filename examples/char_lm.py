@@ -11,21 +11,27 @@ source (``sysconfig.get_paths()["stdlib"]``), read as bytes, so nothing is downl
    parameters (the quantized model has the very same parameter tree);
 4. does the same with int4 weights (per output channel) and int8 activations;
 5. converts the int8 QAT model to serving variables (int8 kernels) and decodes greedily with the integer path
-   (int8 x int8 -> int32 dot, one rescale), next to the float model decoding the same way.
+   (int8 x int8 -> int32 dot, one rescale), next to the float model decoding the same way;
+6. decodes with a KV cache (``jqat.linen.QatAttention(decode=True)``, Flax's decode convention): float, int8
+   weights, int8 weights with an int8 KV cache (and int8 q·k and p·v products reading it), int4 weights with
+   an int8 KV cache; and scores the validation windows through the cache, one token at a time.
 
 The defaults (4 layers, d=128, 4 heads, context 128, batch 16, about 0.9M parameters) are sized to finish in a
 few minutes on two CPU cores; d=256 costs about four times as much per step. The model is far from converged in
 that budget, which is why its samples are mostly whitespace: the comparison between number formats is the point.
 
 jqat enters through ``nn.MultiHeadDotProductAttention(qkv_dot_general_cls=..., out_dot_general_cls=...)`` for the
-query / key / value / output projections and through ``jqat.linen.QatDense`` for the MLP. The attention products
-themselves (q·k and softmax·v) are activation-by-activation products with no kernel and stay in float, as do the
-embeddings, the layer norms and the output head: only the projections and the MLP, which hold almost all the
-weights and multiply-adds, are quantized.
+query / key / value / output projections and through ``jqat.linen.QatDense`` for the MLP. In the full-window
+forward the attention products themselves (q·k and softmax·v) stay in float, as do the embeddings, the layer
+norms and the output head: only the projections and the MLP, which hold almost all the weights and
+multiply-adds, are quantized. The int8 KV cache rows also quantize the two attention products.
 
-Decoding re-runs the whole context window for every new byte (no KV cache). Float and integer decoding are
-timed the same way (one jitted ``lax.scan`` over the new tokens, batch 1, after a warm-up call), so their
-tokens per second compare the two arithmetic paths, not two decoding algorithms.
+Two decoding algorithms are timed, each at batch 1 with greedy choice, in one jitted ``lax.scan`` after a
+warm-up call. The window re-run (no cache) runs the whole 128-byte context for every new byte. KV-cache
+decoding runs one token per step: the step writes its key and value into the cache (fixed length, so one
+compiled step serves every position) and attends to the positions written so far. Each cached row is
+compared with the window re-run of the same weights. The validation perplexity through the cache must
+equal the full forward's to within float rounding for a float cache.
 
 The float model trains for ``--steps`` + ``--qat-steps`` steps. Each QAT variant branches off that run after
 ``--steps`` (parameters and optimizer state) and trains the last ``--qat-steps`` steps with the same batches and
@@ -94,6 +100,9 @@ VOCAB = 256  # bytes
 INT8_WEIGHTS = jqat.QatConfig(bits="int8", per_channel=True, symmetric=True)
 INT4_WEIGHTS = jqat.QatConfig(bits="int4", per_channel=True, symmetric=True)
 INT8_ACTIVATIONS = jqat.QatConfig(bits="int8", per_channel=False, symmetric=False)
+# The int8 KV cache: one scale per token and head, stored as bfloat16. With 32 values per head a float32
+# scale would add 4 bytes to 32 (0.281x the float32 cache's bytes); a bfloat16 one adds 2 (0.266x).
+KV8 = jqat.KVCacheConfig(bits="int8", scale_dtype="bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,7 +125,7 @@ class Settings:
 SMALL = dict(
   num_layers=1,
   d_model=32,
-  num_heads=2,
+  num_heads=1,  # head_dim 32, as in the default model: the same KV cache bytes per value
   context=32,
   batch=8,
   steps=30,
@@ -177,13 +186,20 @@ def random_batch(text: np.ndarray, length: int, batch: int, seed: int, step: int
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block. ``quant`` switches jqat on; the parameters are the same either way."""
+  """Pre-norm transformer block. ``quant`` switches jqat on; the parameters are the same either way.
+
+  ``decode`` runs one token per call through the attention's KV cache (``cache_config`` None: float32 cache);
+  ``products`` quantizes the attention products q·k and p·v (int8, per token).
+  """
 
   d_model: int
   num_heads: int
   quant: bool = False
   weight_config: jqat.QatConfig | None = INT8_WEIGHTS
   activation_config: jqat.QatConfig | None = INT8_ACTIVATIONS
+  decode: bool = False
+  cache_config: jqat.KVCacheConfig | None = None
+  products: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
@@ -197,12 +213,21 @@ class Block(nn.Module):
     else:
       dot_general_cls, dense = None, nn.Dense
     h = nn.LayerNorm()(x)
-    h = nn.MultiHeadDotProductAttention(
+    attention = dict(
       num_heads=self.num_heads,
       qkv_dot_general_cls=dot_general_cls,
       out_dot_general_cls=dot_general_cls,
       deterministic=True,
-    )(h, mask=mask)
+      name="attn",
+    )
+    if self.decode or self.products:
+      # jqat's attention: Flax's module with a (quantized) KV cache and quantized products, the same parameters.
+      product = qnn.AttentionQuantConfig() if self.products else None
+      h = qnn.QatAttention(
+        **attention, decode=self.decode, cache_config=self.cache_config, qk_config=product, pv_config=product
+      )(h, mask=mask)
+    else:
+      h = nn.MultiHeadDotProductAttention(**attention)(h, mask=mask)
     x = x + h
     h = nn.LayerNorm()(x)
     # QatDense takes nn.Dense's automatic names (Dense_0, Dense_1): float checkpoints load unchanged.
@@ -212,7 +237,12 @@ class Block(nn.Module):
 
 
 class CharTransformer(nn.Module):
-  """Decoder-only byte-level transformer with learned positions; float embeddings, norms and head."""
+  """Decoder-only byte-level transformer with learned positions; float embeddings, norms and head.
+
+  With ``decode``, a call takes one token per sequence, ``tokens`` of shape ``(batch, 1)``, and its
+  ``position``; every attention layer keeps its keys and values in the ``cache`` collection (created by
+  ``init`` with a full-length input).
+  """
 
   num_layers: int
   d_model: int
@@ -221,15 +251,31 @@ class CharTransformer(nn.Module):
   quant: bool = False
   weight_config: jqat.QatConfig | None = INT8_WEIGHTS
   activation_config: jqat.QatConfig | None = INT8_ACTIVATIONS
+  decode: bool = False
+  cache_config: jqat.KVCacheConfig | None = None
+  products: bool = False
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, position=None):
     length = tokens.shape[-1]
     x = nn.Embed(VOCAB, self.d_model, name="embed")(tokens)
-    x = x + nn.Embed(self.context, self.d_model, name="pos")(jnp.arange(length))
-    mask = nn.make_causal_mask(tokens)
+    if position is None:  # the whole window (training, evaluation, and init of the decode cache)
+      x = x + nn.Embed(self.context, self.d_model, name="pos")(jnp.arange(length))
+      mask = nn.make_causal_mask(tokens)
+    else:  # one decoding step: the cache masks the positions not yet written
+      x = x + nn.Embed(self.context, self.d_model, name="pos")(jnp.reshape(position, (1,)))
+      mask = None
     for _ in range(self.num_layers):
-      x = Block(self.d_model, self.num_heads, self.quant, self.weight_config, self.activation_config)(x, mask)
+      x = Block(
+        self.d_model,
+        self.num_heads,
+        self.quant,
+        self.weight_config,
+        self.activation_config,
+        self.decode,
+        self.cache_config,
+        self.products,
+      )(x, mask)
     x = nn.LayerNorm()(x)
     return nn.Dense(VOCAB, name="head")(x)
 
@@ -239,7 +285,9 @@ def init_variables(model, key, sample) -> dict:
   return jax.jit(model.init)(key, sample)
 
 
-def make_model(s: Settings, weight_config=None, activation_config=None) -> CharTransformer:
+def make_model(
+  s: Settings, weight_config=None, activation_config=None, *, decode=False, cache_config=None, products=False
+) -> CharTransformer:
   quant = weight_config is not None or activation_config is not None
   return CharTransformer(
     s.num_layers,
@@ -249,6 +297,9 @@ def make_model(s: Settings, weight_config=None, activation_config=None) -> CharT
     quant=quant,
     weight_config=weight_config,
     activation_config=activation_config,
+    decode=decode,
+    cache_config=cache_config,
+    products=products,
   )
 
 
@@ -333,6 +384,107 @@ def decode(model, variables, prompt, new_tokens, repeats=3) -> tuple[np.ndarray,
   for _ in range(repeats):  # the fastest of a few runs: the least disturbed by other work on the machine
     start = time.perf_counter()
     out = generate(variables, window).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return np.asarray(out), new_tokens / best
+
+
+def init_cache(model, batch: int, context: int) -> dict:
+  """An empty decode cache for ``batch`` sequences of up to ``context`` tokens.
+
+  What ``model.init`` with a full window creates, without running it: zeros, and ones for the scales of a
+  quantized cache (positive, so the empty, masked positions stay finite).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((batch, context), jnp.int32))["cache"]
+
+  def empty(path, x):
+    fill = jnp.ones if jax.tree_util.keystr(path).endswith("_scale']") else jnp.zeros
+    return fill(x.shape, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(empty, shapes)
+
+
+def cache_bytes_per_token(cache: dict, batch: int, context: int) -> float:
+  """Bytes the cache holds per token, over all layers: keys, values and their scales (not the index)."""
+  leaves = jax.tree_util.tree_leaves_with_path(cache)
+  total = sum(x.size * x.dtype.itemsize for path, x in leaves if "cache_index" not in jax.tree_util.keystr(path))
+  return total / (batch * context)
+
+
+def make_step(model):
+  """One decoding step: a token per sequence in, next-byte logits and the updated cache out."""
+
+  def step(variables, cache, tokens, position):
+    logits, state = model.apply({**variables, "cache": cache}, tokens[:, None], position, mutable=["cache"])
+    return logits[:, 0], state["cache"]
+
+  return step
+
+
+@functools.cache
+def _cached_nll_sum(model):
+  step = make_step(model)
+
+  @jax.jit
+  def nll_sum(variables, cache, w):
+    # Teacher forcing through the cache: position t reads the true bytes 0..t, one token per step.
+    def one(cache, t):
+      logits, cache = step(variables, cache, w[:, t], t)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, w[:, t + 1]).sum()
+      return cache, nll
+
+    return jax.lax.scan(one, cache, jnp.arange(w.shape[1] - 1))[1].sum()
+
+  return nll_sum
+
+
+def cached_perplexity(model, variables, val, context: int, batch=64) -> float:
+  """``perplexity`` of the same windows, computed one token at a time through the KV cache."""
+  total, count = 0.0, 0
+  for i in range(0, len(val), batch):
+    w = val[i : i + batch]
+    cache = init_cache(model, len(w), context)
+    total += float(_cached_nll_sum(model)(variables, cache, jnp.asarray(w)))
+    count += w[:, 1:].size
+  return math.exp(total / count)
+
+
+def cached_decode(model, variables, prompt, new_tokens, context: int, repeats=5) -> tuple[np.ndarray, float]:
+  """Greedy decoding with the KV cache: the prompt goes in one token per step, then one new byte per step.
+
+  Two jitted loops (``lax.scan``): the prompt (prefill) and the new bytes. Only the second is timed, so the
+  bytes/s is the decoding rate at batch 1; each step is one compiled function whatever its position.
+  """
+  if len(prompt) + new_tokens > context:
+    raise ValueError(f"prompt of {len(prompt)} bytes + {new_tokens} new bytes do not fit the cache of {context}")
+  step = make_step(model)
+
+  @jax.jit
+  def prefill(variables, cache, prompt):
+    def one(cache, tp):
+      logits, cache = step(variables, cache, tp[0][None], tp[1])
+      return cache, logits[0]
+
+    cache, logits = jax.lax.scan(one, cache, (prompt, jnp.arange(prompt.shape[0])))
+    return cache, jnp.argmax(logits[-1]).astype(jnp.int32)
+
+  @jax.jit
+  def generate(variables, cache, token):
+    def one(carry, position):
+      cache, token = carry
+      logits, cache = step(variables, cache, token[None], position)
+      nxt = jnp.argmax(logits[0]).astype(jnp.int32)
+      return (cache, nxt), token
+
+    positions = len(prompt) + jnp.arange(new_tokens)
+    return jax.lax.scan(one, (cache, token), positions)[1]
+
+  cache0 = init_cache(model, 1, context)
+  cache, first = prefill(variables, cache0, jnp.asarray(prompt, jnp.int32))
+  generate(variables, cache, first).block_until_ready()  # compile outside the timing
+  best = math.inf
+  for _ in range(repeats):  # the fastest of a few runs: the least disturbed by other work on the machine
+    start = time.perf_counter()
+    out = generate(variables, cache, first).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return np.asarray(out), new_tokens / best
 
@@ -449,7 +601,29 @@ def run(s: Settings, plot: str | None = None) -> dict:
   prompt = val_text[: s.context]
   float_out, float_tps = decode(float_model, float_vars, prompt, s.decode_tokens)
   serve_out, serve_tps = decode(qat8_model, served, prompt, s.decode_tokens)
-  stage("decoding")
+  served4 = jax.jit(functools.partial(qnn.convert, qat4_model))(qat4_vars, sample)
+  _, serve4_tps = decode(qat4_model, served4, prompt, s.decode_tokens)
+  stage("window decoding")
+
+  # KV-cache decoding: the same parameters (and serving variables) in models built with decode=True. Each
+  # variant's speed-up is against the window re-run of the same weights: the same arithmetic, another algorithm.
+  cached = {
+    "float": (make_model(s, decode=True), float_vars),
+    "int8": (make_model(s, INT8_WEIGHTS, INT8_ACTIVATIONS, decode=True), served),
+    "int8_kv8": (make_model(s, INT8_WEIGHTS, INT8_ACTIVATIONS, decode=True, cache_config=KV8, products=True), served),
+    "int4_kv8": (make_model(s, INT4_WEIGHTS, INT8_ACTIVATIONS, decode=True, cache_config=KV8, products=True), served4),
+  }
+  new_tokens = min(s.decode_tokens, s.context * 3 // 4)
+  cached_prompt = val_text[: s.context - new_tokens]
+  cached_out, cached_bps, cached_ppl, cache_bytes = {}, {}, {}, {}
+  for name, (model, variables) in cached.items():
+    cached_out[name], cached_bps[name] = cached_decode(model, variables, cached_prompt, new_tokens, s.context)
+    cache_bytes[name] = cache_bytes_per_token(init_cache(model, 1, s.context), 1, s.context)
+  stage("cached decoding")
+  for name in ("float", "int8", "int8_kv8", "int4_kv8"):
+    cached_ppl[name] = cached_perplexity(cached[name][0], cached[name][1], val, s.context)
+  stage("cached perplexity")
+  window_of = {"float": float_tps, "int8": serve_tps, "int8_kv8": serve_tps, "int4_kv8": serve4_tps}
 
   results = {
     "float_ppl": ppl["float"],
@@ -459,6 +633,18 @@ def run(s: Settings, plot: str | None = None) -> dict:
     "serve_int8_ppl": ppl["serve_int8"],
     "serve_int8_tokens_per_s": serve_tps,
     "float_tokens_per_s": float_tps,
+    # Today's decoding, the window re-run of the int8 serving model (as serve_int8_tokens_per_s); the float
+    # and int4-weight window re-runs are there too.
+    "decode_bytes_per_s_window": serve_tps,
+    "decode_bytes_per_s_window_float": float_tps,
+    "decode_bytes_per_s_window_int4": serve4_tps,
+    **{f"decode_bytes_per_s_{k}": v for k, v in cached_bps.items()},
+    "kv_cache_bytes_per_token_float": cache_bytes["float"],
+    "kv_cache_bytes_per_token_int8": cache_bytes["int8_kv8"],
+    "ppl_cached_float": cached_ppl["float"],
+    "ppl_int8_kvfloat": cached_ppl["int8"],
+    "ppl_int8_kv8": cached_ppl["int8_kv8"],
+    "ppl_int4_kv8": cached_ppl["int4_kv8"],
   }
 
   rows = (
@@ -475,6 +661,39 @@ def run(s: Settings, plot: str | None = None) -> dict:
   print(f"\nprompt: {bytes(prompt[-60:]).decode('utf-8', 'replace')!r}")
   print(f"float  : {bytes(float_out.astype(np.uint8)).decode('utf-8', 'replace')!r}")
   print(f"int8   : {bytes(serve_out.astype(np.uint8)).decode('utf-8', 'replace')!r}")
+
+  labels = {
+    "float": "float, float32 KV cache",
+    "int8": "int8 weights, float32 KV",
+    "int8_kv8": "int8 weights, int8 KV",
+    "int4_kv8": "int4 weights, int8 KV",
+  }
+  print(
+    f"\nKV-cache decoding: batch 1, greedy, {new_tokens} new bytes after a {len(cached_prompt)}-byte prompt "
+    "(int8 KV: int8 q·k and p·v)"
+  )
+  print(f"{'variant':<30}{'bytes/s':>10}{'vs window':>11}{'KV bytes/token':>16}{'val ppl':>10}")
+  for label, bps, p in (
+    ("window re-run, float", float_tps, ppl["float"]),
+    ("window re-run, int8 weights", serve_tps, ppl["serve_int8"]),
+    ("window re-run, int4 weights", serve4_tps, None),
+  ):
+    print(f"{label:<30}{bps:>10,.0f}{'1.0x':>11}{'':>16}{'' if p is None else f'{p:.4f}':>10}")
+  for name, label in labels.items():
+    print(
+      f"{label:<30}{cached_bps[name]:>10,.0f}{cached_bps[name] / window_of[name]:>10.1f}x"
+      f"{cache_bytes[name]:>16,.0f}{cached_ppl[name]:>10.4f}"
+    )
+  print("(vs window: against the window re-run of the same weights; val ppl of the cached rows: through the cache)")
+  print(
+    f"through the cache vs the full forward: float {100 * (cached_ppl['float'] / ppl['float'] - 1):+.5f}%, "
+    f"int8 weights {100 * (cached_ppl['int8'] / ppl['serve_int8'] - 1):+.5f}%; int8 KV vs float KV "
+    f"{100 * (cached_ppl['int8_kv8'] / cached_ppl['int8'] - 1):+.3f}%; int8 KV bytes "
+    f"{cache_bytes['int8_kv8'] / cache_bytes['float']:.4f}x float32's"
+  )
+  print(f"\nprompt: {bytes(cached_prompt[-60:]).decode('utf-8', 'replace')!r}")
+  for name in labels:
+    print(f"{name:<9}: {bytes(cached_out[name].astype(np.uint8)).decode('utf-8', 'replace')!r}")
 
   if plot:
     save_plot(curves, s.steps, plot)

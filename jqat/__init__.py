@@ -41,6 +41,11 @@ from jqat._src.int_ops import int_matmul as int_matmul
 from jqat._src.int_ops import weight_only_matmul as weight_only_matmul
 from jqat._src.int_ops import weight_sums as weight_sums
 from jqat._src.int_ops import with_weight_sums as with_weight_sums
+from jqat._src.kv_cache import KVCacheConfig as KVCacheConfig
+from jqat._src.kv_cache import kv_dequantize as kv_dequantize
+from jqat._src.kv_cache import kv_quantize as kv_quantize
+from jqat._src.kv_cache import kv_values as kv_values
+from jqat._src.kv_cache import kv_write as kv_write
 from jqat._src.ptq.awq import awq as awq
 from jqat._src.ptq.fold import fold_into_dense as fold_into_dense
 from jqat._src.ptq.fold import fold_into_layernorm as fold_into_layernorm
@@ -77,6 +82,7 @@ __all__ = (
     "CalibMethod",
     "Estimator",
     "HistogramState",
+    "KVCacheConfig",
     "MIN_SCALE",
     "MomentsState",
     "MovingAverageState",
@@ -108,6 +114,10 @@ __all__ = (
     "int_dot_accumulator",
     "int_dot_general",
     "int_matmul",
+    "kv_dequantize",
+    "kv_quantize",
+    "kv_values",
+    "kv_write",
     "lsq_grad_scale",
     "merge",
     "merge_stats",

@@ -1,5 +1,9 @@
 """jqat for Flax linen: quantization-aware layers and whole-model calibration."""
 
+from jqat._src.flax.attention import AttentionQuantConfig as AttentionQuantConfig
+from jqat._src.flax.attention import QatAttention as QatAttention
+from jqat._src.flax.attention import dot_product_attention as dot_product_attention
+from jqat._src.flax.attention import quantized_attention as quantized_attention
 from jqat._src.flax.linen import QatConv as QatConv
 from jqat._src.flax.linen import QatConvGeneralDilated as QatConvGeneralDilated
 from jqat._src.flax.linen import QatDense as QatDense
@@ -10,6 +14,10 @@ from jqat._src.flax.linen import freeze as freeze
 from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __all__ = (
+  "AttentionQuantConfig",
+  "QatAttention",
+  "dot_product_attention",
+  "quantized_attention",
   "QatConv",
   "QatConvGeneralDilated",
   "QatDense",

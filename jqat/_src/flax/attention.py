@@ -1,0 +1,677 @@
+"""Quantized attention products and a quantized KV cache for Flax linen.
+
+Two activation-by-activation products live inside attention, ``q·k`` and ``p·v`` (``p`` the softmax
+probabilities). ``dot_product_attention`` is a drop-in for ``flax.linen.dot_product_attention`` (pass it
+as ``nn.MultiHeadDotProductAttention(attention_fn=...)``, configured with ``quantized_attention``) that
+runs both as integer dots, ``int8 x int8 -> int32`` and one rescale, with ranges taken from the operands
+themselves each call (dynamic quantization: no state, nothing to calibrate):
+
+* ``q·k``: the (already ``1/sqrt(d)``-scaled) query and the key, each symmetric, with one scale per tensor,
+  per head or per token and head (``AttentionQuantConfig.granularity``).
+* ``p·v``: the value with the same granularity. Its scale may vary along the tokens, which ``p·v`` sums
+  over, so it is folded into the probabilities first: ``p·v = Σ_k (p_k s_k) v_int,k``, and ``p' = p · s``
+  is quantized instead of ``p``. ``p'`` lies in ``[0, max_k p'_k]``: each row (one query, one head) gets
+  its own unsigned grid on that interval, 256 levels held in int8 with zero point -128 (``scale =
+  max / 255``). A row's own maximum rather than the fixed grid ``[0, 1]`` (scale 1/255): when attention
+  spreads over a long context its probabilities are all small (about 1 / 128 at context 128, two levels
+  of a fixed grid), and the row maximum keeps the full 256 levels for them; it costs one max per row,
+  next to the softmax's own.
+
+The softmax stays float32. Both products go through ``jqat.qat_dot_general``: its forward is the integer
+kernel serving runs, its backward the clipped straight-through estimator, so training with this function
+(QAT) and serving with it compute the same numbers. Quantized products are off by default (a config of
+None keeps the float product): quantizing ``q·k`` during training has convergence problems reported
+(MaxText dropped it; paxml#71).
+
+``QatAttention`` is ``nn.MultiHeadDotProductAttention`` (a subclass, with the same fields and the same
+parameter tree, so float checkpoints load) plus these products and a decode cache that can be quantized
+(``jqat.KVCacheConfig``): keys and values written once per token as int8 / int4 / fp8 e4m3 with a scale per
+token and head, read by the integer dots directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.attention import combine_masks
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import DenseGeneral
+from flax.linen.normalization import LayerNorm
+from jax import lax
+
+from jqat._src.config import QatConfig
+from jqat._src.formats import QuantBits
+from jqat._src.int_ops import int_dot_general
+from jqat._src.kv_cache import KVCacheConfig, kv_quantize, kv_values, kv_write
+from jqat._src.qat_dot import qat_dot_general
+from jqat._src.qparams import QParams, qparams_from_array
+from jqat._src.qtensor import QTensor, quantize
+
+_GRANULARITIES = ("tensor", "head", "token")
+_INT_BITS = ("int4", "int5", "int6", "int7", "int8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionQuantConfig:
+  """How one attention product (``q·k`` or ``p·v``) is quantized.
+
+  Attributes:
+    bits: an integer format, ``"int4"`` .. ``"int8"`` (default). The probabilities of ``p·v`` use the same
+      number of bits on an unsigned grid.
+    granularity: where the operands' scales change: ``"tensor"`` (one scale), ``"head"`` (one per head) or
+      ``"token"`` (default: one per batch element, token and head). A quantized KV cache stores one scale
+      per token and head, so it needs ``"token"``.
+
+  Raises:
+    ValueError: at construction, naming the field, the value and what is allowed.
+
+  Examples:
+    >>> import jqat.linen
+    >>> jqat.linen.AttentionQuantConfig(granularity="head").granularity
+    'head'
+    >>> jqat.linen.AttentionQuantConfig(bits="fp8")
+    Traceback (most recent call last):
+    ...
+    ValueError: AttentionQuantConfig.bits='fp8' is invalid; allowed: 'int4', 'int5', 'int6', 'int7', 'int8'.
+  """
+
+  bits: QuantBits | str = "int8"
+  granularity: str = "token"
+
+  def __post_init__(self):
+    key = self.bits.value if isinstance(self.bits, QuantBits) else self.bits
+    if key not in _INT_BITS:
+      allowed = ", ".join(repr(b) for b in _INT_BITS)
+      raise ValueError(f"AttentionQuantConfig.bits={self.bits!r} is invalid; allowed: {allowed}.")
+    object.__setattr__(self, "bits", QuantBits(key))
+    if self.granularity not in _GRANULARITIES:
+      allowed = ", ".join(repr(g) for g in _GRANULARITIES)
+      raise ValueError(f"AttentionQuantConfig.granularity={self.granularity!r} is invalid; allowed: {allowed}.")
+
+  def operand_config(self, ndim: int) -> QatConfig:
+    """The symmetric ``QatConfig`` of a ``(batch..., length, heads, depth)`` operand."""
+    if self.granularity == "tensor":
+      return QatConfig(bits=self.bits, symmetric=True)
+    axes = (ndim - 2,) if self.granularity == "head" else tuple(range(ndim - 1))
+    return QatConfig(bits=self.bits, symmetric=True, per_channel=True, channel_axis=axes)
+
+  def probability_config(self, ndim: int) -> QatConfig:
+    """The asymmetric per-row ``QatConfig`` of ``(batch..., heads, q_length, kv_length)`` probabilities."""
+    return QatConfig(bits=self.bits, symmetric=False, per_channel=True, channel_axis=tuple(range(ndim - 1)))
+
+
+def _check_config(value, name: str, where: str):
+  if value is not None and not isinstance(value, AttentionQuantConfig):
+    raise TypeError(f"{where}: {name} must be a jqat.linen.AttentionQuantConfig or None, got {type(value).__name__}")
+
+
+def _dims_qk(ndim: int):
+  batch = tuple(range(ndim - 3)) + (ndim - 2,)
+  return ((ndim - 1,), (ndim - 1,)), (batch, batch)
+
+
+def _dims_pv(ndim: int):
+  # p: (batch..., h, q, k), v: (batch..., k, h, d) -> (batch..., h, q, d)
+  nb = ndim - 3
+  return ((ndim - 1,), (ndim - 3,)), (tuple(range(nb)) + (nb,), tuple(range(nb)) + (ndim - 2,))
+
+
+def _token_scales_on_rows(scale: jax.Array, shape) -> jax.Array:
+  """A value scale in the layout of ``(batch..., length, heads, 1)`` as ``(batch..., heads, 1, length)``."""
+  s = jnp.broadcast_to(scale, tuple(shape[:-1]) + (1,))[..., 0]
+  return jnp.swapaxes(s, -1, -2)[..., None, :].astype(jnp.float32)
+
+
+def _unit() -> QParams:
+  one = jnp.ones((), jnp.float32)
+  return QParams(one, jnp.zeros((), jnp.float32))
+
+
+def quantized_qk(query: jax.Array, key: jax.Array, config: AttentionQuantConfig) -> jax.Array:
+  """``einsum('...qhd,...khd->...hqk', query, key)`` as an integer dot with dynamic ranges."""
+  cfg = config.operand_config(query.ndim)
+  qp_q = qparams_from_array(lax.stop_gradient(query), cfg)
+  qp_k = qparams_from_array(lax.stop_gradient(key), cfg)
+  return qat_dot_general(
+    query,
+    key,
+    _dims_qk(query.ndim),
+    qp_q,
+    qp_k,
+    lhs_config=cfg,
+    rhs_config=cfg,
+    preferred_element_type=jnp.float32,
+    lhs_may_clip=False,
+    rhs_may_clip=False,
+  )
+
+
+def _pv_from_grid(
+  probs: jax.Array, grid_values: jax.Array, value_scale: jax.Array, config: AttentionQuantConfig, value_bits: QuantBits
+):
+  """``Σ_k p_k s_k v_k``: the value's scale folded into the probabilities, ``v`` given in grid units."""
+  folded = probs.astype(jnp.float32) * _token_scales_on_rows(value_scale, grid_values.shape)
+  pcfg = config.probability_config(folded.ndim)
+  qp_p = qparams_from_array(lax.stop_gradient(folded), pcfg)
+  vcfg = QatConfig(bits=value_bits, symmetric=True)
+  out = qat_dot_general(
+    folded,
+    grid_values,
+    _dims_pv(folded.ndim),
+    qp_p,
+    _unit(),
+    lhs_config=pcfg,
+    rhs_config=vcfg,
+    preferred_element_type=jnp.float32,
+    lhs_may_clip=False,
+    rhs_may_clip=False,
+  )
+  return jnp.swapaxes(out, -2, -3)  # (batch..., h, q, d) -> (batch..., q, h, d)
+
+
+def quantized_pv(probs: jax.Array, value: jax.Array, config: AttentionQuantConfig) -> jax.Array:
+  """``einsum('...hqk,...khd->...qhd', probs, value)`` as an integer dot with dynamic ranges."""
+  cfg = config.operand_config(value.ndim)
+  qp_v = qparams_from_array(lax.stop_gradient(value), cfg)
+  scale = lax.stop_gradient(jnp.asarray(qp_v.scale, jnp.float32))
+  # Grid units computed as quantize does (x * (1 / s)), so they round to the very integers it stores.
+  grid_values = value.astype(jnp.float32) * (1 / scale)
+  return _pv_from_grid(probs, grid_values, scale, config, config.bits)
+
+
+def _softmax_scores(scores, bias, mask, dtype):
+  if bias is not None:
+    scores = scores + bias
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+  return jax.nn.softmax(scores.astype(jnp.float32))
+
+
+def _dropout(weights, *, dropout_rng, dropout_rate, broadcast_dropout, deterministic, key_ndim):
+  if deterministic or dropout_rate <= 0.0:
+    return weights
+  keep_prob = 1.0 - dropout_rate
+  if broadcast_dropout:
+    shape = tuple([1] * (key_ndim - 2)) + weights.shape[-2:]
+  else:
+    shape = weights.shape
+  keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+  return weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
+
+
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  broadcast_dropout: bool = True,
+  dropout_rng=None,
+  dropout_rate: float = 0.0,
+  deterministic: bool = False,
+  dtype=None,
+  precision=None,
+  module=None,
+  force_fp32_for_softmax: bool = False,
+  einsum_dot_general=None,
+  qk_attn_weights_einsum=None,
+  attn_weights_value_einsum=None,
+  *,
+  qk_config: AttentionQuantConfig | None = None,
+  pv_config: AttentionQuantConfig | None = None,
+):
+  """``flax.linen.dot_product_attention`` with quantized ``q·k`` and ``p·v``.
+
+  The same arguments and result as Flax's function, plus ``qk_config`` and ``pv_config``; with both None
+  it *is* Flax's function. A product with a config runs as ``int8 x int8 -> int32`` and one rescale on
+  operands quantized with ranges from themselves (see the module docstring); the softmax is float32 and
+  the result is cast to ``dtype``. Bind the configs with ``quantized_attention`` to pass the function as
+  ``nn.MultiHeadDotProductAttention(attention_fn=...)``.
+
+  Accuracy: the integer dots equal the float dots of the fake-quantized operands (``jqat.fake_quant``
+  with the same ranges) to within float32 rounding of the rescale; what differs from float attention is
+  the quantization itself, about ``scale / 2`` per operand element.
+
+  Args:
+    query: ``(batch..., q_length, heads, depth)``.
+    key: ``(batch..., kv_length, heads, depth)``.
+    value: ``(batch..., kv_length, heads, v_depth)``.
+    bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision, module,
+      force_fp32_for_softmax, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: as in
+      ``flax.linen.dot_product_attention`` (the last three only for float products).
+    qk_config: how ``q·k`` is quantized, or None for float.
+    pv_config: how ``p·v`` is quantized, or None for float.
+
+  Returns:
+    ``(batch..., q_length, heads, v_depth)``.
+
+  Raises:
+    TypeError: for a config that is not an ``AttentionQuantConfig``.
+    ValueError: when a quantized product is combined with a custom einsum or dot_general, or when query,
+      key and value do not fit (all three shapes named).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jqat.linen
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 4, 2, 8))
+    >>> cfg = jqat.linen.AttentionQuantConfig()
+    >>> out = jqat.linen.dot_product_attention(q, k, v, qk_config=cfg, pv_config=cfg)
+    >>> ref = jqat.linen.dot_product_attention(q, k, v)
+    >>> out.shape, bool(jnp.abs(out - ref).max() < 0.05)
+    ((1, 4, 2, 8), True)
+  """
+  where = "jqat.linen.dot_product_attention"
+  _check_config(qk_config, "qk_config", where)
+  _check_config(pv_config, "pv_config", where)
+  if qk_config is None and pv_config is None:
+    return nn.dot_product_attention(
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      broadcast_dropout,
+      dropout_rng,
+      dropout_rate,
+      deterministic,
+      dtype,
+      precision,
+      module,
+      force_fp32_for_softmax,
+      einsum_dot_general=einsum_dot_general,
+      qk_attn_weights_einsum=qk_attn_weights_einsum,
+      attn_weights_value_einsum=attn_weights_value_einsum,
+    )
+  if einsum_dot_general is not None or qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
+    raise ValueError(
+      f"{where}: qk_config / pv_config quantize the products themselves; they cannot be combined with "
+      "einsum_dot_general, qk_attn_weights_einsum or attn_weights_value_einsum"
+    )
+  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  dtype = query.dtype
+  _check_shapes(query, key, value, where)
+  depth = query.shape[-1]
+  query = query / jnp.sqrt(depth).astype(dtype)
+  if qk_config is None:
+    scores = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
+  else:
+    scores = quantized_qk(query, key, qk_config)
+  weights = _softmax_scores(scores, bias, mask, dtype)
+  if module is not None:
+    module.sow("intermediates", "attention_weights", weights.astype(dtype))
+  weights = _dropout(
+    weights,
+    dropout_rng=dropout_rng,
+    dropout_rate=dropout_rate,
+    broadcast_dropout=broadcast_dropout,
+    deterministic=deterministic,
+    key_ndim=key.ndim,
+  )
+  if pv_config is None:
+    out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(dtype), value, precision=precision)
+  else:
+    out = quantized_pv(weights, value, pv_config)
+  return out.astype(dtype)
+
+
+def _check_shapes(query, key, value, where):
+  ok = (
+    query.ndim == key.ndim == value.ndim >= 3
+    and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
+    and query.shape[-2] == key.shape[-2] == value.shape[-2]
+    and query.shape[-1] == key.shape[-1]
+    and key.shape[-3] == value.shape[-3]
+  )
+  if not ok:
+    raise ValueError(
+      f"{where}: query {query.shape}, key {key.shape} and value {value.shape} do not fit: expected "
+      "(batch..., q_length, heads, depth), (batch..., kv_length, heads, depth), (batch..., kv_length, heads, v_depth)"
+    )
+
+
+def quantized_attention(
+  *,
+  qk_config: AttentionQuantConfig | None = AttentionQuantConfig(),
+  pv_config: AttentionQuantConfig | None = AttentionQuantConfig(),
+):
+  """``dot_product_attention`` with its configs bound, for ``nn.MultiHeadDotProductAttention(attention_fn=...)``.
+
+  Both products default to int8 with per-token ranges. Flax passes ``attention_fn`` only the keywords
+  in its signature; the bound function keeps Flax's.
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jqat.linen
+    >>> layer = nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=jqat.linen.quantized_attention())
+    >>> x = jnp.ones((1, 3, 8))
+    >>> layer.apply(layer.init(jax.random.key(0), x), x).shape
+    (1, 3, 8)
+  """
+  _check_config(qk_config, "qk_config", "jqat.linen.quantized_attention")
+  _check_config(pv_config, "pv_config", "jqat.linen.quantized_attention")
+  return functools.partial(dot_product_attention, qk_config=qk_config, pv_config=pv_config)
+
+
+# --- attention over a quantized cache ---------------------------------------------------------------------
+
+
+def cached_attention(
+  query: jax.Array,
+  key_values: jax.Array,
+  key_scale: jax.Array,
+  value_values: jax.Array,
+  value_scale: jax.Array,
+  mask: jax.Array | None,
+  *,
+  cache_config: KVCacheConfig,
+  qk_config: AttentionQuantConfig | None,
+  pv_config: AttentionQuantConfig | None,
+  dtype=None,
+) -> jax.Array:
+  """Attention of ``query`` over a quantized cache, the stored integers read directly.
+
+  ``q·k`` is ``int_dot_general`` of the query (quantized per token and head) with the stored keys and
+  their scales, one rescale by both; ``p·v`` folds the stored value scales into the probabilities and
+  multiplies their integers with the stored values. A product whose config is None dequantizes the cache
+  and runs in float. fp8 entries are multiplied in float32 (``int_dot_general``'s fp8 path).
+
+  Args:
+    query: ``(batch..., q_length, heads, depth)``.
+    key_values, value_values: stored values ``(batch..., max_length, heads, stored_dim)``.
+    key_scale, value_scale: stored scales ``(batch..., max_length, heads, 1)``.
+    mask: broadcastable to ``(batch..., heads, q_length, max_length)``, or None.
+    cache_config: the cache's format.
+    qk_config, pv_config: the products' configs (granularity ``"token"``) or None.
+    dtype: the result's dtype (default: the query's).
+
+  Returns:
+    ``(batch..., q_length, heads, depth)``.
+  """
+  dtype = dtype or query.dtype
+  depth = query.shape[-1]
+  store = cache_config.quant_config
+  keys = kv_values(key_values, cache_config, depth)
+  values = kv_values(value_values, cache_config, depth)
+  ks = key_scale.astype(jnp.float32)
+  vs = value_scale.astype(jnp.float32)
+  query = query.astype(jnp.float32) / jnp.sqrt(depth).astype(jnp.float32)
+  if qk_config is None:
+    scores = jnp.einsum("...qhd,...khd->...hqk", query, keys.astype(jnp.float32) * ks)
+  else:
+    qcfg = qk_config.operand_config(query.ndim)
+    qq = quantize(query, qparams_from_array(query, qcfg), qcfg)
+    kcfg = QatConfig(
+      bits=store.bits if store.bits.is_float else QuantBits.INT8,
+      symmetric=True,
+      per_channel=True,
+      channel_axis=tuple(range(keys.ndim - 1)),
+    )
+    kq = QTensor(keys, ks, jnp.zeros_like(ks), kcfg, keys.shape)
+    scores = int_dot_general(qq, kq, _dims_qk(query.ndim))
+  weights = _softmax_scores(scores, None, mask, dtype)
+  if pv_config is None:
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, values.astype(jnp.float32) * vs)
+  else:
+    folded = weights * _token_scales_on_rows(vs, values.shape)
+    pcfg = pv_config.probability_config(folded.ndim)
+    pq = quantize(folded, qparams_from_array(folded, pcfg), pcfg)
+    vcfg = QatConfig(bits=store.bits if store.bits.is_float else QuantBits.INT8, symmetric=True)
+    one = jnp.ones((), jnp.float32)
+    vq = QTensor(values, one, jnp.zeros((), jnp.float32), vcfg, values.shape)
+    out = jnp.swapaxes(int_dot_general(pq, vq, _dims_pv(folded.ndim)), -2, -3)
+  return out.astype(dtype)
+
+
+class QatAttention(nn.MultiHeadDotProductAttention):
+  """``nn.MultiHeadDotProductAttention`` with quantized attention products and a quantized decode cache.
+
+  Every field of Flax's module means what it means there, and the parameter tree is the same (``query``,
+  ``key``, ``value``, ``out``, and ``query_ln`` / ``key_ln`` with ``normalize_qk``): a float checkpoint
+  loads unchanged, and ``qkv_dot_general_cls`` / ``out_dot_general_cls`` quantize the projections as
+  with Flax's module (e.g. ``jqat.linen.QatDotGeneral``).
+
+  Decoding follows Flax's convention: ``decode=True``, the ``cache`` collection, ``cache_index``, one
+  token per call. ``model.init`` with a full-length input creates the cache (its length is that input's);
+  each later call writes the token's key and value at ``cache_index`` and attends to positions
+  ``<= cache_index``. With ``cache_config`` set, ``cached_key`` / ``cached_value`` hold int8 (or packed
+  int4, or fp8) values and ``cached_key_scale`` / ``cached_value_scale`` one scale per token and head;
+  each token is quantized once, when it is written, and never again.
+
+  Attributes:
+    qk_config: how ``q·k`` is quantized (``AttentionQuantConfig``), or None (float, the default).
+    pv_config: how ``p·v`` is quantized, or None (float, the default).
+    cache_config: the decode cache's format (``jqat.KVCacheConfig``), or None for Flax's float cache.
+      A quantized cache with quantized products needs their granularity ``"token"``.
+
+  Bad input: a config of the wrong type or a non-token product config beside a quantized cache fails at
+  construction. Decoding with a query batch other than the cache's, more than one token, or a cache made
+  under another ``cache_config`` (values dtype or shape) raises ``ValueError`` naming the layer and both
+  shapes. Decoding past the cache's length raises ``ValueError`` when ``cache_index`` is concrete (an
+  un-jitted apply); under ``jit`` it cannot raise, so the write is dropped (the cache keeps every earlier
+  token unchanged) and the layer's output is NaN, which makes the model's logits NaN.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jqat, jqat.linen
+    >>> layer = jqat.linen.QatAttention(num_heads=2, decode=True, cache_config=jqat.KVCacheConfig(),
+    ...                                 qk_config=jqat.linen.AttentionQuantConfig(),
+    ...                                 pv_config=jqat.linen.AttentionQuantConfig())
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4, 8)))  # a cache of 4 positions
+    >>> out, state = layer.apply(variables, jnp.ones((1, 1, 8)), mutable=["cache"])
+    >>> state["cache"]["cached_key"].dtype, int(state["cache"]["cache_index"]), out.shape
+    (dtype('int8'), 1, (1, 1, 8))
+  """
+
+  qk_config: AttentionQuantConfig | None = None
+  pv_config: AttentionQuantConfig | None = None
+  cache_config: KVCacheConfig | None = None
+
+  def __post_init__(self):
+    where = f"{type(self).__name__}"
+    _check_config(self.qk_config, "qk_config", where)
+    _check_config(self.pv_config, "pv_config", where)
+    if self.cache_config is not None and not isinstance(self.cache_config, KVCacheConfig):
+      raise TypeError(
+        f"{where}: cache_config must be a jqat.KVCacheConfig or None, got {type(self.cache_config).__name__}"
+      )
+    if self.cache_config is not None:
+      for name in ("qk_config", "pv_config"):
+        cfg = getattr(self, name)
+        if cfg is not None and cfg.granularity != "token":
+          raise ValueError(
+            f"{where}: {name}.granularity={cfg.granularity!r} does not fit a quantized cache, which stores one "
+            "scale per token and head; use granularity='token'"
+          )
+    super().__post_init__()
+
+  def _where(self) -> str:
+    path = "/".join(str(p) for p in self.scope.path) if self.scope is not None else ""
+    return f"{type(self).__name__} {path or self.name!r}"
+
+  def _attend(self, query, key, value, mask, dropout_rng, deterministic, sow_weights):
+    fn = self.attention_fn
+    if self.qk_config is not None or self.pv_config is not None:
+      if fn is not nn.dot_product_attention:
+        raise ValueError(f"{self._where()}: qk_config / pv_config replace attention_fn; set one or the other")
+      fn = functools.partial(dot_product_attention, qk_config=self.qk_config, pv_config=self.pv_config)
+    kwargs = dict(
+      mask=mask,
+      dropout_rng=dropout_rng,
+      dropout_rate=self.dropout_rate,
+      broadcast_dropout=self.broadcast_dropout,
+      deterministic=deterministic,
+      dtype=self.dtype,
+      precision=self.precision,
+      force_fp32_for_softmax=self.force_fp32_for_softmax,
+    )
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in params}
+    if sow_weights:
+      return fn(query, key, value, **kwargs, module=self)
+    return fn(query, key, value, **kwargs)
+
+  @nn.compact
+  def __call__(
+    self,
+    inputs_q,
+    inputs_k=None,
+    inputs_v=None,
+    *,
+    inputs_kv=None,
+    mask=None,
+    deterministic: bool | None = None,
+    dropout_rng=None,
+    sow_weights: bool = False,
+  ):
+    """Applies attention as ``nn.MultiHeadDotProductAttention`` does (the same arguments)."""
+    if inputs_kv is not None:
+      if inputs_k is not None or inputs_v is not None:
+        raise ValueError(f"{self._where()}: pass inputs_k / inputs_v or inputs_kv, not both")
+      inputs_k = inputs_v = inputs_kv
+    if inputs_k is None:
+      if inputs_v is not None:
+        raise ValueError(f"{self._where()}: inputs_k cannot be None when inputs_v is given")
+      inputs_k = inputs_q
+    if inputs_v is None:
+      inputs_v = inputs_k
+    features = self.out_features or inputs_q.shape[-1]
+    qkv_features = self.qkv_features or inputs_q.shape[-1]
+    if qkv_features % self.num_heads:
+      raise ValueError(f"{self._where()}: qkv_features={qkv_features} is not divisible by num_heads={self.num_heads}")
+    head_dim = qkv_features // self.num_heads
+    dense = functools.partial(
+      DenseGeneral,
+      axis=-1,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      features=(self.num_heads, head_dim),
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      use_bias=self.use_bias,
+      precision=self.precision,
+      dot_general=self.qkv_dot_general,
+      dot_general_cls=self.qkv_dot_general_cls,
+    )
+    query, key, value = dense(name="query")(inputs_q), dense(name="key")(inputs_k), dense(name="value")(inputs_v)
+    if self.normalize_qk:
+      query = LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(query)
+      key = LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
+
+    if self.dropout_rate > 0.0:
+      m_deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+      if not m_deterministic and dropout_rng is None:
+        dropout_rng = self.make_rng("dropout")
+    else:
+      m_deterministic = True
+
+    x = None
+    if self.decode:
+      x = self._decode(query, key, value, mask, dropout_rng, m_deterministic, sow_weights)
+    if x is None:
+      x = self._attend(query, key, value, mask, dropout_rng, m_deterministic, sow_weights)
+    return DenseGeneral(
+      features=features,
+      axis=(-2, -1),
+      kernel_init=self.out_kernel_init or self.kernel_init,
+      bias_init=self.out_bias_init or self.bias_init,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      dot_general=self.out_dot_general,
+      dot_general_cls=self.out_dot_general_cls,
+      name="out",
+    )(x)
+
+  def _decode(self, query, key, value, mask, dropout_rng, deterministic, sow_weights):
+    """One decoding step through the cache; None while the cache is being created (``init``)."""
+    cfg = self.cache_config
+    is_initialized = self.has_variable("cache", "cached_key")
+    head_dim = key.shape[-1]
+    if cfg is None:
+      shapes = {"cached_key": (key.shape, key.dtype), "cached_value": (value.shape, value.dtype)}
+    else:
+      stored = key.shape[:-1] + (cfg.stored_dim(head_dim),)
+      scale = key.shape[:-1] + (1,)
+      shapes = {
+        "cached_key": (stored, cfg.storage_dtype),
+        "cached_key_scale": (scale, jnp.dtype(cfg.scale_dtype)),
+        "cached_value": (stored, cfg.storage_dtype),
+        "cached_value_scale": (scale, jnp.dtype(cfg.scale_dtype)),
+      }
+    if is_initialized:
+      self._check_cache(shapes, query)
+    # Scales start at 1: the empty positions hold zeros and are masked; a positive scale keeps them finite.
+    init = {n: (jnp.ones if n.endswith("_scale") else jnp.zeros) for n in shapes}
+    cache = {n: self.variable("cache", n, init[n], s, d) for n, (s, d) in shapes.items()}
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if not is_initialized:
+      return None
+    *batch_dims, max_length, _, _ = cache["cached_key"].value.shape
+    index = cache_index.value
+    if not isinstance(index, jax.core.Tracer) and int(index) >= max_length:
+      raise ValueError(
+        f"{self._where()}: decoding position {int(index)} is past the cache's length {max_length} "
+        f"(cache_index counts from 0; the cache was created by init with an input of length {max_length})"
+      )
+    valid = index < max_length
+    if cfg is None:
+      writes = {"cached_key": key, "cached_value": value}
+    else:
+      kv, ks = kv_quantize(key, cfg)
+      vv, vs = kv_quantize(value, cfg)
+      writes = {"cached_key": kv, "cached_key_scale": ks, "cached_value": vv, "cached_value_scale": vs}
+    for name, new in writes.items():
+      old = cache[name].value
+      # Past the end, write back what the (clamped) last position already holds: nothing changes.
+      kept = lax.dynamic_slice_in_dim(old, jnp.minimum(index, max_length - 1), 1, axis=old.ndim - 3)
+      cache[name].value = kv_write(old, jnp.where(valid, new.astype(old.dtype), kept), index)
+    cache_index.value = index + 1
+    mask = combine_masks(
+      mask, jnp.broadcast_to(jnp.arange(max_length) <= index, tuple(batch_dims) + (1, 1, max_length))
+    )
+    if cfg is None:
+      x = self._attend(
+        query, cache["cached_key"].value, cache["cached_value"].value, mask, dropout_rng, deterministic, sow_weights
+      )
+    else:
+      x = cached_attention(
+        query,
+        cache["cached_key"].value,
+        cache["cached_key_scale"].value,
+        cache["cached_value"].value,
+        cache["cached_value_scale"].value,
+        mask,
+        cache_config=cfg,
+        qk_config=self.qk_config,
+        pv_config=self.pv_config,
+        dtype=self.dtype,
+      )
+    return jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))
+
+  def _check_cache(self, shapes, query):
+    names = sorted(shapes)
+    held = sorted(k for k in self.variables.get("cache", {}) if k != "cache_index")
+    got = {k: self.get_variable("cache", k) for k in held}
+    describe = lambda d: ", ".join(f"{k} {jnp.dtype(v[1]).name}{tuple(v[0])}" for k, v in d.items())  # noqa: E731
+    if (
+      held != names
+      or any(jnp.dtype(got[k].dtype) != jnp.dtype(shapes[k][1]) for k in names)
+      or any(got[k].shape[-2:] != tuple(shapes[k][0][-2:]) for k in names)
+    ):
+      have = {k: (v.shape, v.dtype) for k, v in got.items()}
+      raise ValueError(
+        f"{self._where()}: the cache does not match the layer's cache_config={self.cache_config!r}: it holds "
+        f"{describe(have)}; the layer expects per token {describe(shapes)} "
+        "(re-create the cache with model.init under this config)"
+      )
+    cached = got["cached_key"].shape
+    batch = tuple(cached[:-3])
+    if tuple(query.shape[:-3]) != batch or query.shape[-3] != 1:
+      raise ValueError(
+        f"{self._where()}: decoding takes one token per call for the cache's batch {batch} (cache of "
+        f"{cached[-3]} positions, {cached[-2]} heads): expected a query of shape "
+        f"{batch + (1,) + tuple(query.shape[-2:])}, got {tuple(query.shape)}"
+      )
