@@ -158,3 +158,35 @@ def test_call_errors_name_the_layer_and_shapes():
   op = jqat.nnx.QatEinsumOp()
   with pytest.raises(ValueError, match=r"einsum 'ab,bc,cd->ad'.*two operands"):
     op("ab,bc,cd->ad", jnp.ones((2, 3)), jnp.ones((3, 4)))
+
+
+@pytest.mark.parametrize(
+  "call, error, match",
+  [
+    (lambda m: jqat.nnx.calibrate(m, _x()), TypeError, r"batches must be an iterable.*array of shape \(32, 8\)"),
+    (lambda m: jqat.nnx.calibrate(m, None), TypeError, r"batches must be an iterable.*NoneType"),
+    (lambda m: jqat.nnx.convert({"model": m}), TypeError, r"convert needs an NNX model.*got dict"),
+    (lambda m: jqat.nnx.quantize_model([m]), TypeError, r"quantize_model needs an NNX model.*got list"),
+    (lambda m: jqat.nnx.quantize_model(m, rules=".*"), TypeError, r"rules must be jqat.Rule"),
+  ],
+  ids=["array_as_batches", "no_batches", "convert_dict", "quantize_list", "rules_str"],
+)
+def test_whole_model_functions_check_their_arguments(call, error, match):
+  with pytest.raises(error, match=match):
+    call(Mlp(rngs=nnx.Rngs(0)))
+
+
+def test_nan_in_the_input_shows_in_the_output_rows_it_touches():
+  model = Mlp(rngs=nnx.Rngs(0))
+  x = _x()
+  model(x)
+  model.eval()
+  xn = x.at[3, 1].set(jnp.nan)
+  ref = Mlp(rngs=nnx.Rngs(0))
+  jqat.nnx.set_mode(ref, "float")
+  want = np.isfinite(ref(xn)).all(axis=1)
+  assert not want[3] and want.sum() == len(x) - 1
+  forward = nnx.jit(lambda m, v: m(v))
+  np.testing.assert_array_equal(np.isfinite(forward(model, xn)).all(axis=1), want)  # QAT: as float
+  jqat.nnx.convert(model)
+  assert not np.isfinite(forward(model, xn)[3]).any()  # serving: never a plausible finite row

@@ -84,6 +84,11 @@ class KernelShape:
 jax.tree_util.register_dataclass(KernelShape, data_fields=[], meta_fields=["shape", "dtype"])
 
 
+def _lsq_floor(qp: QParams) -> QParams:
+  # Serving uses the learned scale as the LSQ forward does: floored at MIN_SCALE.
+  return QParams(jnp.maximum(qp.scale, qparams_lib.MIN_SCALE), qp.zero_point)
+
+
 def _check(mode: str, where: str) -> str:
   if mode not in MODES:
     raise ValueError(f"{where}: mode={mode!r} is invalid; allowed: {', '.join(map(repr, MODES))}.")
@@ -314,7 +319,7 @@ class _Quantizer(nnx.Module):
     activation instead).
     """
     kernel = jnp.asarray(kernel)
-    qp = self._rhs_qparams(kernel, rhs_cfg)
+    qp = _lsq_floor(self._rhs_qparams(kernel, rhs_cfg))
     wq = quantize(kernel, qp, rhs_cfg)
     lhs_cfg = self.lhs_config
     entry = common.serving_weight(wq, contracting or (), lhs_cfg if contracting is not None else None)
@@ -323,7 +328,7 @@ class _Quantizer(nnx.Module):
       if common.uses_lsq(lhs_cfg):
         scale = self.lhs_scale.get_value()
         zp = self.lhs_zero_point.get_value() if self.lhs_zero_point is not None else jnp.zeros_like(scale)
-        lhs_qp = QParams(scale, zp)
+        lhs_qp = _lsq_floor(QParams(scale, zp))
       else:
         lhs_qp = common.serving_activation_qparams(self.lhs_stats.get_value(), lhs_cfg, self._where())
       lhs_entry = common.serving_activation(lhs_qp, lhs_cfg)
@@ -646,8 +651,14 @@ def path_str(path) -> str:
   return "/".join(str(p) for p in path)
 
 
-def quantizers(model) -> list[tuple[str, _Quantizer]]:
+def check_model(model, where: str) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{where} needs an NNX model (an nnx.Module), got {type(model).__name__}.")
+
+
+def quantizers(model, where: str = "jqat.nnx") -> list[tuple[str, _Quantizer]]:
   """``(path, quantizer)`` of every jqat quantized op in ``model``; records each one's path for its messages."""
+  check_model(model, where)
   out = []
   for path, m in nnx.iter_modules(model):
     if isinstance(m, _Quantizer):
@@ -664,7 +675,7 @@ def set_mode(model, mode: str) -> None:
   Entering ``"calibrate"`` allocates each activation's calibration histogram.
   """
   _check(mode, "set_mode")
-  for _, q in quantizers(model):
+  for _, q in quantizers(model, "set_mode"):
     q.mode = mode
 
 
@@ -676,12 +687,17 @@ def freeze(model, method: CalibMethod | str = CalibMethod.PERCENTILE, *, percent
       changes), or a quantized layer that has no histogram.
   """
   method = check_calibration_args(method, percentile, "freeze")
-  for _, q in quantizers(model):
+  for _, q in quantizers(model, "freeze"):
     q.freeze(method, percentile=percentile)
 
 
 def calibrate(
-  model, batches: Iterable, method: CalibMethod | str = CalibMethod.PERCENTILE, *, percentile: float = 99.99
+  model,
+  batches: Iterable,
+  method: CalibMethod | str = CalibMethod.PERCENTILE,
+  *,
+  percentile: float = 99.99,
+  **call_kwargs,
 ) -> None:
   """Runs calibration batches through ``model``, freezes its activation ranges, and restores each layer's mode.
 
@@ -693,9 +709,12 @@ def calibrate(
     batches: an iterable of inputs (a tuple is passed as positional arguments).
     method: ``"minmax"``, ``"percentile"``, ``"entropy"`` (``"kl"``) or ``"mse"``.
     percentile: for PERCENTILE, in (0, 100].
+    **call_kwargs: passed to ``model`` with every batch (e.g. ``train=False``).
 
   Raises:
     ValueError: for an invalid method or percentile, or no batches.
+    TypeError: when ``model`` is not an NNX module, or ``batches`` is one array
+      instead of an iterable of batches.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
@@ -708,12 +727,16 @@ def calibrate(
     True
   """
   method = check_calibration_args(method, percentile, "calibrate")
+  check_model(model, "calibrate")
+  if hasattr(batches, "shape") or not isinstance(batches, Iterable):
+    what = f"an array of shape {tuple(batches.shape)}" if hasattr(batches, "shape") else type(batches).__name__
+    raise TypeError(f"calibrate: batches must be an iterable of model inputs (e.g. [x0, x1]), got {what}.")
 
   @nnx.jit
   def step(m, batch):
-    m(*batch) if isinstance(batch, tuple) else m(batch)
+    m(*batch, **call_kwargs) if isinstance(batch, tuple) else m(batch, **call_kwargs)
 
-  previous = [(q, q.mode) for _, q in quantizers(model)]
+  previous = [(q, q.mode) for _, q in quantizers(model, "calibrate")]
   try:
     for q, mode in previous:
       if mode != "float":
@@ -773,7 +796,7 @@ def convert(model) -> None:
   """
   from jqat._src.flax import nnx_layers  # the einsum and embedding layers build on this module
 
-  quantizers(model)  # records paths for the messages below
+  quantizers(model, "convert")  # records paths for the messages below
   for _, m in list(nnx.iter_modules(model)):
     if isinstance(m, QatDense):
       m.convert()

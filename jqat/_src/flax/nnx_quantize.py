@@ -125,6 +125,7 @@ def quantize_model(model, rules=None):
     >>> type(model.fc.dot_general).__name__, model.head.dot_general.mode
     ('QatDotGeneral', 'float')
   """
+  qnnx.check_model(model, "quantize_model")
   rules = rules_lib.normalize_rules(rules)
   plan, matched, paths = [], set(), []
   for path, m in nnx.iter_modules(model):
@@ -223,7 +224,7 @@ def report(model, *args, print_table: bool = True, **kwargs) -> list[OpReport]:
     >>> [(r.op, r.lhs_shape, r.rhs_shape, r.weight, r.float_bytes, r.serving_bytes) for r in rows]
     [('dot', (2, 4), (4, 8), 'int8 sym per-channel', 128, 96)]
   """
-  qnnx.quantizers(model)  # the copies below keep the paths
+  qnnx.quantizers(model, "report")  # the copies below keep the paths
   graphdef, state = nnx.split(model)
 
   def run(state):
