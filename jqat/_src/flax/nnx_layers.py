@@ -83,7 +83,10 @@ class QatEinsumOp(qnnx.QatDotGeneral):
     (1, 5, 2, 3)
   """
 
-  def __call__(self, equation, lhs, rhs, *, precision=None, preferred_element_type=None, out_sharding=None, **unused):
+  def __call__(
+    self, equation, lhs, rhs, *, precision=None, preferred_element_type=None, out_sharding=None, optimize=None
+  ):
+    del optimize  # one contraction: there is no order to optimize
     where = self._where()
     if not isinstance(equation, str):
       raise TypeError(f"{where}: the einsum equation must be a str, got {equation!r}.")
