@@ -265,19 +265,25 @@ def test_lsq_scales_are_params_with_fake_quant_gradients():
 
 def test_lsq_trains_and_serves():
   w_cfg = jqat.QatConfig(per_channel=True, estimator="lsq")
-  layer = jqat.nnx.QatDense(4, 3, weight_config=w_cfg, rngs=nnx.Rngs(0))
+  a_cfg = jqat.QatConfig(symmetric=False, estimator="lsq")
+  layer = jqat.nnx.QatDense(4, 3, weight_config=w_cfg, activation_config=a_cfg, rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(0), (16, 4))
   s0 = np.asarray(layer.dot_general.rhs_scale[...])
+  batch_scale = float(jqat.qparams_from_array(x, a_cfg).scale)
 
   @nnx.jit
   def step(m, opt):
     g = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(m)
     opt.update(m, g)
 
-  for _ in range(5):
+  step(layer, opt)  # the first step sets the activation scale from the batch (its gradient is zero then)
+  assert bool(layer.dot_general.lhs_lsq_ready[...])
+  np.testing.assert_allclose(float(layer.dot_general.lhs_scale[...]), batch_scale, rtol=1e-6)
+  for _ in range(4):
     step(layer, opt)
   assert not np.allclose(layer.dot_general.rhs_scale[...], s0)
+  assert float(layer.dot_general.lhs_scale[...]) != batch_scale  # learned from the second step on
   layer.eval()
   y_qat = layer(x)
   jqat.nnx.convert(layer)
