@@ -15,6 +15,11 @@ The QAT step runs the integer dot in its forward (int8 x int8 -> int32) and
 the straight-through float gradient in its backward. Each figure is the
 best of ``rounds`` medians of ``reps`` calls; the float and QAT steps
 alternate so load from other processes hits both alike.
+
+``--nan-check``: instead, the QAT step as it is against the same step with
+the NaN / Inf check of ``qat_dot_general`` (``int_kernels.nonfinite_out``)
+and ``quantize`` (``qtensor._nonfinite_scale``) replaced by no-ops while
+tracing, alternating, to measure what making NaN visible costs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import optax
 
 import jqat
+from jqat._src import int_kernels, qtensor
 
 
 class Mlp(nn.Module):
@@ -119,12 +125,49 @@ def run(reps: int = 15, rounds: int = 3) -> dict:
   return results
 
 
+class without_nan_check:
+  """Traces with the NaN / Inf checks replaced by no-ops (for measuring their cost only)."""
+
+  def __enter__(self):
+    self.saved = int_kernels.nonfinite_out, qtensor._nonfinite_scale
+    int_kernels.nonfinite_out = lambda *args, **kwargs: None
+    qtensor._nonfinite_scale = lambda scale, *args: scale
+
+  def __exit__(self, *exc):
+    int_kernels.nonfinite_out, qtensor._nonfinite_scale = self.saved
+
+
+def run_nan_check(reps: int = 15, rounds: int = 3) -> dict:
+  opt = optax.adam(1e-4)
+  results = {}
+  for name in ("mlp", "block"):
+    runs = {"checked": setup(name, True, opt)}
+    with without_nan_check():
+      step, state, x, y = setup(name, True, opt)
+      jax.block_until_ready(step(*state, x, y))  # traced and compiled without the check
+    runs["unchecked"] = (step, state, x, y)
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+      for k, (step, state, x, y) in runs.items():
+        times[k].append(median_ms(step, state, x, y, reps))
+    best = {k: min(t) for k, t in times.items()}
+    results[name] = {**best, "ratio": best["checked"] / best["unchecked"]}
+  return results
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--nan-check", action="store_true", help="measure the cost of the NaN / Inf check")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+  if args.nan_check:
+    print("| model | QAT step without the NaN check (ms) | with it (ms) | with / without |")
+    print("|---|---:|---:|---:|")
+    for name, r in run_nan_check(args.reps, args.rounds).items():
+      print(f"| {name} | {r['unchecked']:.2f} | {r['checked']:.2f} | {r['ratio']:.3f}x |")
+    return
   results = run(args.reps, args.rounds)
   print("| model | float step (ms) | jqat int8 QAT step (ms) | QAT / float |")
   print("|---|---:|---:|---:|")

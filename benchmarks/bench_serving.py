@@ -20,6 +20,11 @@ after warm-up, each ``block_until_ready``):
 
 It prints times, ratios to float and to the raw int8 dot, and the bytes of
 the serving variables (int8 values, scales, weight sums) against float32.
+
+``--nan-check``: instead, ``w8a8 dyn`` and ``w8a8 frozen`` as they are against
+the same functions traced with ``quantize``'s NaN / Inf check
+(``qtensor._nonfinite_scale``) replaced by a no-op, alternating over
+``--rounds`` rounds (best median of each), to measure what the check costs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 from jax import lax
 
 import jqat
+from jqat._src import qtensor
 
 MATMUL = (((1,), (0,)), ((), ()))
 SHAPES = ((8, 4096, 4096), (256, 1024, 1024), (2048, 512, 512))
@@ -61,7 +67,8 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
   xcfg = jqat.QatConfig(symmetric=False)
   wcfg = jqat.QatConfig(per_channel=True)
   wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
-  sums = jqat.weight_sums(wq)
+  wp = jqat.with_weight_sums(wq)  # the weight with its column sums, prepared once
+  sums = wp.sums
   xqp = jqat.qparams_from_array(x, xcfg)  # frozen: as calibration would leave them
   xq = jqat.quantize(x, xqp, xcfg)
   xi, wi = xq.values, wq.values
@@ -70,15 +77,15 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
     qp = jqat.qparams_from_array(x, xcfg_dyn)
     return jqat.int_matmul(jqat.quantize(x, qp, xcfg_dyn), wq)
 
-  def w8a8_frozen(x, xqp, wq, sums):
-    return jqat.int_matmul(jqat.quantize(x, xqp, xcfg), wq, w_sums=sums)
+  def w8a8_frozen(x, xqp, wp):
+    return jqat.int_matmul(jqat.quantize(x, xqp, xcfg), wp)
 
   variants = {
     "float": (jax.jit(lambda a, b: a @ b), x, w),
     "raw int8": (jax.jit(lambda a, b: lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32)), xi, wi),
     "w8a8 dyn": (jax.jit(w8a8_dynamic), x, wq),
-    "w8a8 frozen": (jax.jit(w8a8_frozen), x, xqp, wq, sums),
-    "w8a8 int-in": (jax.jit(lambda a, b, s: jqat.int_matmul(a, b, w_sums=s)), xq, wq, sums),
+    "w8a8 frozen": (jax.jit(w8a8_frozen), x, xqp, wp),
+    "w8a8 int-in": (jax.jit(jqat.int_matmul), xq, wp),
     "w-only": (jax.jit(jqat.weight_only_matmul), x, wq),
     "w-only 1dot": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=None)), x, wq),
     "w-only kb64": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=64)), x, wq),
@@ -101,17 +108,59 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
   )
 
 
+def nan_check_cost(m: int, k: int, n: int, reps: int, rounds: int) -> None:
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (m, k), jnp.float32)
+  w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
+  xcfg_dyn, xcfg, wcfg = jqat.QatConfig(), jqat.QatConfig(symmetric=False), jqat.QatConfig(per_channel=True)
+  wp = jqat.with_weight_sums(jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg))
+  xqp = jqat.qparams_from_array(x, xcfg)
+
+  def dynamic(x, wp):
+    return jqat.int_matmul(jqat.quantize(x, jqat.qparams_from_array(x, xcfg_dyn), xcfg_dyn), wp)
+
+  def frozen(x, xqp, wp):
+    return jqat.int_matmul(jqat.quantize(x, xqp, xcfg), wp)
+
+  cases = {"w8a8 dyn": (dynamic, (x, wp)), "w8a8 frozen": (frozen, (x, xqp, wp))}
+  saved = qtensor._nonfinite_scale
+  print(f"(M, K, N) = ({m}, {k}, {n})")
+  for name, (f, args) in cases.items():
+    checked = jax.jit(f)
+    jax.block_until_ready(checked(*args))
+    qtensor._nonfinite_scale = lambda scale, *a: scale
+    try:
+      unchecked = jax.jit(f)
+      jax.block_until_ready(unchecked(*args))  # traced and compiled without the check
+    finally:
+      qtensor._nonfinite_scale = saved
+    times = {"checked": [], "unchecked": []}
+    for _ in range(rounds):
+      times["unchecked"].append(median_ms(unchecked, *args, reps=reps))
+      times["checked"].append(median_ms(checked, *args, reps=reps))
+    best = {key: min(t) for key, t in times.items()}
+    print(
+      f"  {name:<12} without check {best['unchecked']:8.3f} ms, with {best['checked']:8.3f} ms: "
+      f"{best['checked'] / best['unchecked']:.3f}x"
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
   parser.add_argument("--shapes", type=str, default=None, help="comma-separated MxKxN")
+  parser.add_argument("--rounds", type=int, default=5, help="rounds of --nan-check")
+  parser.add_argument("--nan-check", action="store_true", help="measure the cost of the NaN / Inf check")
   args = parser.parse_args()
   shapes = SHAPES
   if args.shapes:
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
   for m, k, n in shapes:
-    bench_shape(m, k, n, args.reps)
+    if args.nan_check:
+      nan_check_cost(m, k, n, args.reps, args.rounds)
+    else:
+      bench_shape(m, k, n, args.reps)
 
 
 if __name__ == "__main__":

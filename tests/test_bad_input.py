@@ -1,5 +1,7 @@
 """Bad input to the core functions: each gets an error in the function's own words, or a visible result."""
 
+import copy
+import pickle
 import warnings
 
 import jax
@@ -181,6 +183,9 @@ def test_qtensor_is_a_pytree_under_transforms():
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), q)
   out = jax.vmap(jqat.dequantize)(stacked)
   np.testing.assert_array_equal(out[1], jqat.dequantize(q))
+  for c in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+    assert jax.tree.structure(c) == jax.tree.structure(q)
+    np.testing.assert_array_equal(jqat.dequantize(c), jqat.dequantize(q))
 
 
 @pytest.mark.parametrize(

@@ -260,6 +260,11 @@ class QTensor:
       object.__setattr__(obj, k, v)
     return obj
 
+  def __reduce__(self):
+    # copy, deepcopy and pickle rebuild through the PyTree (the fields are read-only).
+    children, aux = self.tree_flatten_with_keys()
+    return _rebuild, (aux, tuple(v for _, v in children))
+
   # --- description ---------------------------------------------------------------------------------------------
 
   @property
@@ -315,6 +320,10 @@ class QTensor:
     if self.config.bits.is_packed:
       return unpack_int4(self.values, self.shape[PACK_AXIS] if self.shape else 1).reshape(self.shape)
     return self.values
+
+
+def _rebuild(aux, children) -> QTensor:
+  return QTensor.tree_unflatten(aux, children)
 
 
 def _validate(values, scale, zero_point, sums, config: QatConfig, shape, sums_axes) -> None:
@@ -405,8 +414,7 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
   s = qparams_lib.params_to_groups(scale_b, x.ndim, config)
   z = qparams_lib.params_to_groups(zp_b, x.ndim, config)
   q, _, _ = numerics.quantize_values(xg, s, z, config, cd)
-  bad = jnp.any(~jnp.isfinite(xg), axis=qparams_lib.reduce_axes(x.shape, config), keepdims=True)
-  scale_b = jnp.where(bad.reshape(full), jnp.nan, scale_b).astype(scale_b.dtype)
+  scale_b = _nonfinite_scale(scale_b, xg, x.shape, config)
   q = qparams_lib.from_groups(q, x.shape, config)
   if config.bits.is_float:
     values = q.astype(config.bits.float_dtype)
@@ -416,6 +424,15 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
     if config.bits.is_packed:
       values = _pack(values)
   return QTensor(values, scale_b, zp_b, config, tuple(x.shape), jnp.dtype(x.dtype))
+
+
+def _nonfinite_scale(scale: jax.Array, xg: jax.Array, shape, config: QatConfig) -> jax.Array:
+  """``scale`` with NaN for every block of ``xg`` (grouped layout) that holds a NaN or ±Inf.
+
+  One reduction over the data ``quantize`` reads anyway; XLA fuses it with the quantization.
+  """
+  bad = jnp.any(~jnp.isfinite(xg), axis=qparams_lib.reduce_axes(shape, config), keepdims=True)
+  return jnp.where(bad.reshape(scale.shape), jnp.nan, scale).astype(scale.dtype)
 
 
 def _pack(values: jax.Array) -> jax.Array:
