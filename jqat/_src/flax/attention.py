@@ -105,6 +105,10 @@ class AttentionQuantConfig:
     return QatConfig(bits=self.bits, symmetric=False, per_channel=True, channel_axis=tuple(range(ndim - 1)))
 
 
+# The default of quantized_attention: int8, one scale per token and head.
+INT8_PER_TOKEN = AttentionQuantConfig()
+
+
 def _check_config(value, name: str, where: str):
   if value is not None and not isinstance(value, AttentionQuantConfig):
     raise TypeError(f"{where}: {name} must be a jqat.linen.AttentionQuantConfig or None, got {type(value).__name__}")
@@ -292,6 +296,19 @@ def dot_product_attention(
       "einsum_dot_general, qk_attn_weights_einsum or attn_weights_value_einsum"
     )
   query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  sow = None if module is None else lambda w: module.sow("intermediates", "attention_weights", w)
+  return quantized_products_attention(
+    query, key, value, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+    broadcast_dropout=broadcast_dropout, deterministic=deterministic, precision=precision, sow=sow,
+    qk_config=qk_config, pv_config=pv_config, where=where,
+  )
+
+
+def quantized_products_attention(
+  query, key, value, bias, mask, *, dropout_rng, dropout_rate, broadcast_dropout, deterministic, precision, sow,
+  qk_config, pv_config, where,
+):
+  """The attention of ``dot_product_attention`` on promoted operands; ``sow(weights)`` records the weights."""
   dtype = query.dtype
   _check_shapes(query, key, value, where)
   depth = query.shape[-1]
@@ -301,15 +318,11 @@ def dot_product_attention(
   else:
     scores = quantized_qk(query, key, qk_config)
   weights = _softmax_scores(scores, bias, mask, dtype)
-  if module is not None:
-    module.sow("intermediates", "attention_weights", weights.astype(dtype))
+  if sow is not None:
+    sow(weights.astype(dtype))
   weights = _dropout(
-    weights,
-    dropout_rng=dropout_rng,
-    dropout_rate=dropout_rate,
-    broadcast_dropout=broadcast_dropout,
-    deterministic=deterministic,
-    key_ndim=key.ndim,
+    weights, dropout_rng=dropout_rng, dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
+    deterministic=deterministic, key_ndim=key.ndim,
   )
   if pv_config is None:
     out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(dtype), value, precision=precision)
@@ -335,8 +348,8 @@ def _check_shapes(query, key, value, where):
 
 def quantized_attention(
   *,
-  qk_config: AttentionQuantConfig | None = AttentionQuantConfig(),
-  pv_config: AttentionQuantConfig | None = AttentionQuantConfig(),
+  qk_config: AttentionQuantConfig | None = INT8_PER_TOKEN,
+  pv_config: AttentionQuantConfig | None = INT8_PER_TOKEN,
 ):
   """``dot_product_attention`` with its configs bound, for ``nn.MultiHeadDotProductAttention(attention_fn=...)``.
 
