@@ -11,6 +11,10 @@ from jqat._src.flax.linen import QatDotGeneral as QatDotGeneral
 from jqat._src.flax.linen import calibrate as calibrate
 from jqat._src.flax.linen import convert as convert
 from jqat._src.flax.linen import freeze as freeze
+from jqat._src.flax.linen_layers import QatEinsum as QatEinsum
+from jqat._src.flax.linen_layers import QatEmbed as QatEmbed
+from jqat._src.flax.linen_quantize import quantize_model as quantize_model
+from jqat._src.flax.linen_quantize import report as report
 from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
 
 __all__ = (
@@ -22,8 +26,12 @@ __all__ = (
   "QatConvGeneralDilated",
   "QatDense",
   "QatDotGeneral",
+  "QatEinsum",
+  "QatEmbed",
   "calibrate",
   "convert",
   "freeze",
+  "quantize_model",
+  "report",
   "serving_partition_specs",
 )

@@ -59,6 +59,10 @@ STATS = "quant_stats"
 SERVE = "serving"
 OWNS_KERNEL = "owns_kernel"
 KEEPS_FLOAT = "keeps_float"
+# ``serving/<layer>/replaced/<param>``: a zero-size marker naming a float
+# parameter that the layer serves without (any name: "kernel", "embedding",
+# gemma's "w"); ``convert`` drops that parameter. Shape: the parameter's + (0,).
+REPLACED = "replaced"
 CALIB = "quant_calib"
 _BITS = tuple(QuantBits)
 
@@ -613,6 +617,22 @@ def _is_calib_entry(node) -> bool:
   return isinstance(node, Mapping) and "stats" in node and "config" in node
 
 
+def _freeze_entry(entry, old, method, percentile):
+  """One activation's frozen statistics; entries stacked by ``nn.scan`` (leading axes) freeze layer by layer."""
+  lead = jnp.shape(entry["config"]["bits"])
+  config = _decode_config(jax.tree.map(lambda a: jnp.ravel(a)[0], entry["config"]))
+  if old is None:
+    old = jax.tree.map(lambda a: jnp.broadcast_to(a, lead + jnp.shape(a)), common.init_activation_stats(config, 0.9))
+  frozen = []
+  for i in np.ndindex(*lead):
+    layer = functools.partial(jax.tree.map, lambda a, i=i: a[i])
+    qp = calibration.finalize_stats(layer(entry["stats"]), config, method, percentile=percentile)
+    frozen.append(common.freeze_activation_stats(layer(old), qp))
+  if not lead:
+    return frozen[0]
+  return jax.tree.map(lambda *a: jnp.stack(a).reshape(lead + jnp.shape(a[0])), *frozen)
+
+
 def freeze(
   variables: Mapping,
   method: CalibMethod | str = CalibMethod.PERCENTILE,
@@ -653,12 +673,7 @@ def freeze(
   flat_stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})))
   flat_calib = traverse_util.flatten_dict(calib, is_leaf=lambda _, v: _is_calib_entry(v))
   for path, entry in flat_calib.items():
-    config = _decode_config(entry["config"])
-    qp = calibration.finalize_stats(entry["stats"], config, method, percentile=percentile)
-    old = flat_stats.get(path)
-    if old is None:
-      old = common.init_activation_stats(config, 0.9)
-    flat_stats[path] = common.freeze_activation_stats(old, qp)
+    flat_stats[path] = _freeze_entry(entry, flat_stats.get(path), method, percentile)
   variables[STATS] = traverse_util.unflatten_dict(flat_stats)
   return variables
 
@@ -742,10 +757,12 @@ def _serving_markers(flat_serving: dict) -> tuple[list, bool]:
   return owners, bool(flat_serving or floats)
 
 
-def _drop_replaced_params(flat_params: dict, owners: list) -> dict:
-  """Drops from ``params`` the float kernels that serving variables replace."""
+def _drop_replaced_params(flat_params: dict, owners: list, replaced: list = ()) -> dict:
+  """Drops from ``params`` the float kernels that serving variables replace, and the parameters named ``replaced``."""
   for path in owners:
     flat_params.pop(path + ("kernel",), None)
+  for path in replaced:
+    flat_params.pop(path, None)
   return flat_params
 
 
@@ -811,9 +828,11 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
   owners, any_layer = _serving_markers(flat_serving)
   if not any_layer:
     raise ValueError(f"{where}: found no jqat layer in the model (QatDense, QatConv, or a QatDotGeneral injected).")
+  # REPLACED markers stay in serving: they shape the stand-in that quantize_model's apply passes to stock code.
+  replaced = [p[:-2] + (p[-1],) for p in flat_serving if len(p) >= 2 and p[-2] == REPLACED]
   out = dict(variables)
   out["params"] = traverse_util.unflatten_dict(
-    _drop_replaced_params(traverse_util.flatten_dict(dict(variables["params"])), owners)
+    _drop_replaced_params(traverse_util.flatten_dict(dict(variables["params"])), owners, replaced)
   )
   out[SERVE] = traverse_util.unflatten_dict(flat_serving)
   return out
