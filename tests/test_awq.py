@@ -110,7 +110,7 @@ def test_nonfinite_rows_are_left_out():
 def test_bf16_kernel_keeps_dtype():
   x, w = _layer(4)
   q, _ = jqat.awq(jnp.asarray(w, jnp.bfloat16), x, CFG, grid=10)
-  assert q.dtype == jnp.bfloat16
+  assert q.dequant_dtype == jnp.bfloat16
 
 
 def test_errors():

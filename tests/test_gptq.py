@@ -153,7 +153,7 @@ def test_matches_plain_loop_reference_and_beats_rtn(case):
   h = _hessian(x)
   q = _gptq(case, w, h)
   ref_int, ref_w = _ref(case, w, h)
-  assert q.shape == w.shape and q.config == cfg and q.dtype == jnp.float32
+  assert q.shape == w.shape and q.config == cfg and q.dequant_dtype == jnp.float32
   assert q.scale.shape == jqat.params_shape(w.shape, cfg)
   got = np.asarray(_ints(q), np.float64)
   # float32 against float64: the updated weights drift by ~1e-6 relative, which flips an element that
@@ -171,7 +171,7 @@ def test_float64_matches_reference_exactly():
   h = np.asarray(x, np.float64).T @ x
   with jax.enable_x64(True):
     q = jqat.gptq(np.asarray(w, np.float64), h, cfg, block_size=32)
-    assert q.dtype == jnp.float64 and _deq(q).dtype == jnp.float64
+    assert q.dequant_dtype == jnp.float64 and _deq(q).dtype == jnp.float64
     got = np.asarray(_ints(q))
   ref_int, _ = ref_gptq(w, h, bits="int4", symmetric=False, per_channel=True, group=16)
   np.testing.assert_array_equal(got, ref_int)  # the same algorithm in the same precision: no drift to flip ties
@@ -233,7 +233,7 @@ def test_moments_state_as_hessian():
 def test_bf16_kernel_keeps_dtype():
   x, w = _layer(9, K, N)
   q = _gptq("int4_sym_channel", jnp.asarray(w, jnp.bfloat16), _hessian(x))
-  assert q.dtype == jnp.bfloat16 and _deq(q).dtype == jnp.bfloat16
+  assert q.dequant_dtype == jnp.bfloat16 and _deq(q).dtype == jnp.bfloat16
 
 
 def test_compiles_once_and_runs_under_jit():

@@ -89,20 +89,19 @@ def test_update_compiles_once():
   assert jqat._src.calibration.moments._update._cache_size() == before
 
 
-@settings(max_examples=12)
+@settings(max_examples=20)
 @given(
   seed=st.integers(0, 2**16),
-  n=st.integers(1, 40),
-  k=st.integers(1, 6),
-  cuts=st.lists(st.integers(0, 40), max_size=5),
+  cuts=st.lists(st.integers(1, 5), max_size=5),
   order=st.randoms(use_true_random=False),
 )
-def test_merge_under_splits_and_permutations(seed, n, k, cuts, order):
+def test_merge_under_splits_and_permutations(seed, cuts, order):
+  # Chunks of whole multiples of 4 rows: a handful of shapes, each compiled once for all examples.
+  n, k = 24, 5
   x = _data(seed, n, k)
-  if n > 2:
-    x[seed % n, seed % k] = np.nan  # a non-finite row in one of the chunks
-  bounds = sorted({0, n, *(c % (n + 1) for c in cuts)})
-  chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+  x[seed % n, seed % k] = np.nan  # a non-finite row in one of the chunks
+  bounds = sorted({0, n, *(4 * c for c in cuts)})
+  chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
   order.shuffle(chunks)
   states = [jqat.moments_update(jqat.moments_init(k), c) for c in chunks]
   # Merge as a random binary tree: pick two neighbours, replace them by their merge.

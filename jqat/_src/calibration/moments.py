@@ -175,6 +175,11 @@ def moments_merge(a: MomentsState, b: MomentsState) -> MomentsState:
     [[10.0, 10.0], [10.0, 20.0]]
   """
   _check_pair(a, b)
+  return _merge(a, b)
+
+
+@jax.jit
+def _merge(a: MomentsState, b: MomentsState) -> MomentsState:
   return MomentsState(
     a.xtx + b.xtx,
     a.abs_sum + b.abs_sum,

@@ -32,7 +32,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -160,4 +159,4 @@ def _awq(kernel, rows, mean_abs, *, config: QatConfig, grid: int):
   alpha = jnp.argmin(awq_losses(kernel, rows, mean_abs, config, grid)).astype(jnp.float32) / grid
   s = awq_scales(mean_abs, alpha)
   q = _rtn(kernel.astype(jnp.float32) * s[:, None], config)
-  return dataclasses.replace(q, dtype=jnp.dtype(kernel.dtype)), s, count
+  return q.replace(dequant_dtype=jnp.dtype(kernel.dtype)), s, count

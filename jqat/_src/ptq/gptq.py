@@ -37,7 +37,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -253,7 +252,8 @@ def _gptq(kernel, hessian, damp, *, config: QatConfig, block_size: int, act_orde
     return QParams(lax.dynamic_slice_in_dim(p.scale, g, 1), lax.dynamic_slice_in_dim(p.zero_point, g, 1))
 
   def group_params(rows: jax.Array) -> QParams:
-    return qparams_from_array(rows, row_cfg)
+    # (1, N) per channel, (1, 1) per tensor: one row of the group table.
+    return QParams(*(a.reshape(1, -1) for a in qparams_from_array(rows, row_cfg)))
 
   def set_group(p: QParams, g, new: QParams) -> QParams:
     return QParams(
@@ -308,4 +308,4 @@ def _gptq(kernel, hessian, damp, *, config: QatConfig, block_size: int, act_orde
   # these with the same parameters reproduces the loop's grid values exactly.
   before = jnp.zeros((k, n), cd).at[perm[:k]].set(before[:k])
   out = quantize(before, params, config)
-  return dataclasses.replace(out, dtype=jnp.dtype(kernel.dtype)), ok
+  return out.replace(dequant_dtype=jnp.dtype(kernel.dtype)), ok
