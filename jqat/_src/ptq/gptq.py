@@ -15,8 +15,9 @@ of the objective up to a factor 2):
 
 Step 5 runs in blocks of ``block_size`` rows (the paper's lazy batch
 updates): inside a block only the block's rows are updated; at its end the
-rows after it get ``U[block, rest]ᵀ E`` in one matrix product. This equals the
-plain loop up to float rounding and turns most of the work into a dense dot.
+rows after it get ``U[block, rest]ᵀ E``, a dense product per later block.
+This equals the plain loop up to float rounding and turns most of the work
+into matrix products.
 
 The grid ``Q`` is jqat's (``qparams_from_array`` / ``fake_quant``):
 
@@ -292,10 +293,15 @@ def _gptq(kernel, hessian, damp, *, config: QatConfig, block_size: int, act_orde
 
     zeros = jnp.zeros((b, n), cd)
     w1, err, before1, p = lax.fori_loop(0, b, column, (w1, zeros, zeros, p))
-    # Lazy batch update of the rows after the block: W[rest] -= U[block, rest]ᵀ E. U[block, :i1] is zero.
-    ub = lax.dynamic_slice_in_dim(u, i1, b)
-    delta = lax.dot_general(ub, err, (((0,), (0,)), ((), ())), precision=_HIGHEST)
-    w = w - jnp.where((jnp.arange(kp) >= i1 + b)[:, None], delta, 0.0)
+
+    # Lazy batch update of the rows after the block, W[rest] -= U[block, rest]ᵀ E, one later block at a
+    # time: only the upper triangle of U is multiplied (one masked product over all rows would do twice the work).
+    def later(j, w):
+      uj = lax.dynamic_slice(u, (i1, j * b), (b, b))
+      delta = lax.dot_general(uj, err, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+      return lax.dynamic_update_slice_in_dim(w, lax.dynamic_slice_in_dim(w, j * b, b) - delta, j * b, 0)
+
+    w = lax.fori_loop(i + 1, nb, later, w)
     return w, p, lax.dynamic_update_slice_in_dim(before, before1, i1, 0)
 
   dummy = QParams(jnp.ones((1, 1), cd), jnp.zeros((1, 1), cd))
