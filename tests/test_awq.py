@@ -127,3 +127,11 @@ def test_errors():
     jqat.awq(np.full_like(w, np.inf), x, CFG)
   with pytest.raises(ValueError, match="the MomentsState has 8 features, but the kernel needs 64"):
     jqat.awq(w, x, CFG, moments=jqat.moments_init(8))
+
+
+def test_under_jit():
+  x, w = _layer(5)
+  q, s = jax.jit(lambda w, x: jqat.awq(w, x, CFG, grid=10))(w, x)
+  q2, s2 = jqat.awq(w, x, CFG, grid=10)
+  np.testing.assert_array_equal(s, s2)
+  np.testing.assert_array_equal(q.values, q2.values)

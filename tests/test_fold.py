@@ -89,3 +89,14 @@ def test_errors():
     jqat.fold_into_dense(jnp.ones((4, K)), None, s.at[3].set(jnp.nan))
   with pytest.raises(ValueError, match=r"bias has shape \(3,\)"):
     jqat.fold_into_layernorm(jnp.ones(K), s, jnp.ones(3))
+
+
+def test_under_jit():
+  h, s = _data(3)
+  k = jnp.ones((4, K))
+  got = jax.jit(jqat.fold_into_dense)(k, jnp.ones(K), s)
+  want = jqat.fold_into_dense(k, jnp.ones(K), s)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  g = jax.jit(jqat.fold_into_layernorm)(jnp.ones(K), s)[0]
+  np.testing.assert_array_equal(g, jqat.fold_into_layernorm(jnp.ones(K), s)[0])

@@ -111,3 +111,9 @@ def test_errors():
     jqat.smooth_quant_scales(np.full(64, np.nan), w)
   with pytest.raises(ValueError, match=r"needs an \(in, out\) kernel"):
     jqat.smooth_quant_scales(amax, w[None])
+
+
+def test_under_jit():
+  x, w = _layer(4)
+  amax = np.abs(x).max(axis=0)
+  np.testing.assert_array_equal(jax.jit(jqat.smooth_quant_scales)(amax, w), jqat.smooth_quant_scales(amax, w))
