@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 BATCH, IN, OUT = 16, 24, 12
-VARIANTS = ("qat_dense", "linear_injected", "quantize_model", "qat_einsum")
+# QatDense; nnx.Linear with a QatDotGeneral put in by quantize_model; QatEinsum (its output sharding permuted).
+VARIANTS = ("qat_dense", "quantize_model", "qat_einsum")
 
 
 def _run_eight_devices() -> dict:
@@ -75,8 +76,6 @@ def _variant(name, rngs):
 
   if name == "qat_dense":
     return jqat.nnx.QatDense(IN, OUT, rngs=rngs)
-  if name == "linear_injected":
-    return nnx.Linear(IN, OUT, dot_general=jqat.nnx.QatDotGeneral(), rngs=rngs)
   if name == "quantize_model":
     return jqat.nnx.quantize_model(nnx.Linear(IN, OUT, rngs=rngs))
   return jqat.nnx.QatEinsum("bi,io->bo", (IN, OUT), (OUT,), rngs=rngs)
