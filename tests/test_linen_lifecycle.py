@@ -339,6 +339,7 @@ def test_convert_is_idempotent():
 # --- serving variables say what they hold ---------------------------------------------------
 
 
+@functools.cache  # the same converted variables serve several tests; they are never modified
 def _served(weight_config, features=10, use_bias=True):
   dense = functools.partial(qnn.QatDense, weight_config=weight_config, use_bias=use_bias)
   model = Mlp(dense=dense, hidden=features)
@@ -509,3 +510,32 @@ def test_bad_arguments_to_calibrate_freeze_convert():
     qnn.freeze(None)
   with pytest.raises(TypeError, match=r"QatDense at '/': the input must be a numeric array, got str"):
     qnn.QatDense(3).apply({"params": {}}, "x")
+
+
+@pytest.mark.parametrize("acfg", [jqat.QatConfig(symmetric=False), jqat.QatConfig(per_channel=True, symmetric=False)],
+                         ids=["per_tensor", "per_token"])  # fmt: skip
+def test_nan_in_the_input_shows_in_the_rows_it_touches(acfg):
+  model = Mlp(dense=functools.partial(qnn.QatDense, activation_config=acfg))
+  v = _stats(model, model.init(jax.random.key(0), X[:8]), X[:64])
+  x = X[:8].copy()
+  x[2, 5] = np.nan
+  want = np.isfinite(Mlp().apply({"params": v["params"]}, x)).all(axis=1)  # float: row 2 only
+  assert not want[2] and want.sum() == 7
+  for variables in (v, {"params": v["params"]}):  # statistics skip the NaN; the batch range skips it
+    y, upd = model.apply(variables, x, mutable=["quant_stats"])
+    np.testing.assert_array_equal(np.isfinite(y).all(axis=1), want)  # QAT: the rows float makes NaN
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(upd) if leaf.dtype.kind == "f")
+  # Serving quantizes the activation block that holds the NaN with a NaN scale: never a plausible finite row.
+  served = qnn.convert(model, v, X[:8])
+  assert not bool(jnp.isfinite(jax.jit(model.apply)(served, x)[2]).any())
+
+
+def test_nan_in_a_conv_input_is_not_hidden():
+  layer = qnn.QatConv(4, (3, 3))
+  x = X[:4].reshape(-1, 8, 8, 1).copy()
+  v = _stats(layer, layer.init(jax.random.key(0), x), x)
+  x[1, 3, 3, 0] = np.nan
+  want = np.isfinite(nn.Conv(4, (3, 3)).apply({"params": v["params"]}, x))
+  np.testing.assert_array_equal(np.isfinite(layer.apply(v, x)), want)
+  served = qnn.convert(layer, v, x[:1])
+  assert not bool(jnp.isfinite(layer.apply(served, x)[1]).all())
