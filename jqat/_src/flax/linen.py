@@ -673,7 +673,10 @@ def freeze(
   flat_stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})))
   flat_calib = traverse_util.flatten_dict(calib, is_leaf=lambda _, v: _is_calib_entry(v))
   for path, entry in flat_calib.items():
-    flat_stats[path] = _freeze_entry(entry, flat_stats.get(path), method, percentile)
+    try:
+      flat_stats[path] = _freeze_entry(entry, flat_stats.get(path), method, percentile)
+    except ValueError as e:  # name the activation whose statistics could not be finalized
+      raise ValueError(f"{where}: the activation at /{'/'.join(map(str, path))} ({method.value}): {e}") from None
   variables[STATS] = traverse_util.unflatten_dict(flat_stats)
   return variables
 
