@@ -154,6 +154,8 @@ def test_qtensor_checks_itself_at_construction():
     QTensor(q.values, jnp.ones((5, 1)), jnp.zeros((5, 1)), q.config, q.shape)
   with pytest.raises(TypeError, match=r"QTensor: config must be a jqat.QatConfig"):
     QTensor(q.values, q.scale, q.zero_point, "int4", q.shape)
+  with pytest.raises(ValueError, match=r"QTensor: zero_point holds nonzero values \(e.g. 3.0\).*symmetric"):
+    QTensor(q.values, q.scale, jnp.full(q.zero_point.shape, 3.0), q.config, q.shape)
 
 
 def test_qtensor_treedef_is_the_format_and_layout_only():

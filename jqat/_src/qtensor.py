@@ -182,8 +182,9 @@ class QTensor:
   Raises:
     TypeError: for a config that is not a ``QatConfig``.
     ValueError: when the values' dtype is not the format's storage dtype,
-      their shape is not the (packed) logical shape, or scale, zero point or
-      sums do not fit; each names both.
+      their shape is not the (packed) logical shape, scale, zero point or
+      sums do not fit (each names both), or a known zero point is nonzero
+      under a symmetric config.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
@@ -259,6 +260,19 @@ class QTensor:
     for k, v in zip(("config", "shape", "dequant_dtype", "sums_axes"), aux):
       object.__setattr__(obj, k, v)
     return obj
+
+  def _fields(self) -> tuple:
+    return (self.values, self.scale, self.zero_point, self.sums, self.config, self.shape, self.dequant_dtype,
+            self.sums_axes)
+
+  def __eq__(self, other):
+    # Field by field, as a frozen dataclass compares (useful for trees of PartitionSpecs).
+    if type(other) is not QTensor:
+      return NotImplemented
+    return self._fields() == other._fields()
+
+  def __hash__(self):
+    return hash(self._fields())
 
   def __reduce__(self):
     # copy, deepcopy and pickle rebuild through the PyTree (the fields are read-only).
@@ -343,6 +357,12 @@ def _validate(values, scale, zero_point, sums, config: QatConfig, shape, sums_ax
       )
   if _is_array(scale) and _is_array(zero_point):
     qparams_lib.check_params_shape(scale.shape, zero_point.shape, shape, config, "QTensor")
+    z = qparams_lib.concrete(zero_point) if config.symmetric else None
+    if z is not None and np.any(z != 0):
+      raise ValueError(
+        f"QTensor: zero_point holds nonzero values (e.g. {z[z != 0].flat[0]}) but the config is symmetric; "
+        "a symmetric format's values are read with zero point 0"
+      )
   if sums is not None and _is_array(sums):
     if config.bits.is_float:
       raise ValueError(f"QTensor: {config.bits.value} values need no sums (fp8 operands are symmetric)")
