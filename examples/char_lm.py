@@ -448,7 +448,7 @@ def cached_perplexity(model, variables, val, context: int, batch=64) -> float:
   return math.exp(total / count)
 
 
-def cached_decode(model, variables, prompt, new_tokens, context: int, repeats=5) -> tuple[np.ndarray, float]:
+def cached_decode(model, variables, prompt, new_tokens, context: int, repeats=20) -> tuple[np.ndarray, float]:
   """Greedy decoding with the KV cache: the prompt goes in one token per step, then one new byte per step.
 
   Two jitted loops (``lax.scan``): the prompt (prefill) and the new bytes. Only the second is timed, so the

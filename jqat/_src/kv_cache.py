@@ -28,8 +28,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jqat._src.config import QatConfig
 from jqat._src.formats import QuantBits
-from jqat._src.qparams import QParams, qparams_from_array
-from jqat._src.qtensor import pack_int4, quantize, unpack_int4
+from jqat._src.qparams import MIN_SCALE
+from jqat._src.qtensor import pack_int4, unpack_int4
 
 _BITS = {"int8": QuantBits.INT8, "int4": QuantBits.INT4, "fp8_e4m3": QuantBits.FP8_E4M3, "fp8": QuantBits.FP8_E4M3}
 _SCALE_DTYPES = ("float32", "bfloat16")
@@ -101,11 +101,6 @@ class KVCacheConfig:
     return 2 * num_heads * per_head
 
 
-def _token_config(ndim: int, bits: QuantBits) -> QatConfig:
-  # One scale per index of every axis but the last: per (batch..., token, head).
-  return QatConfig(bits=bits, symmetric=True, per_channel=True, channel_axis=tuple(range(ndim - 1)))
-
-
 def kv_quantize(x: ArrayLike, config: KVCacheConfig) -> tuple[jax.Array, jax.Array]:
   """Quantizes keys or values ``(..., heads, head_dim)`` with one scale per leading index (token and head).
 
@@ -129,13 +124,18 @@ def kv_quantize(x: ArrayLike, config: KVCacheConfig) -> tuple[jax.Array, jax.Arr
   if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"kv_quantize: x must be a float array (..., head_dim), got dtype {x.dtype} shape {x.shape}")
   x = x.astype(jnp.float32)
-  cfg = _token_config(x.ndim, config.bits)
-  qp = qparams_from_array(x, cfg)
-  # Round the scale to its storage dtype first: the values are quantized with exactly the stored scale.
-  scale = qp.scale.astype(config.scale_dtype)
-  q = quantize(x, QParams(scale.astype(jnp.float32), qp.zero_point), cfg)
-  scale = q.scale.astype(config.scale_dtype)  # NaN where the vector held NaN / Inf
-  values = q.int_values()
+  qmax = float(config.quant_config.qmax)
+  # The arithmetic of qparams_from_array + quantize for a symmetric per-vector scale, written for the one
+  # reduction it needs: each decoding step runs it twice per layer, and a step is bound by its op count.
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # NaN propagates
+  scale = jnp.maximum(amax * (1 / qmax), MIN_SCALE)
+  # Rounded to its storage dtype first: the values are quantized with exactly the stored scale.
+  scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan).astype(config.scale_dtype)
+  u = x * (1 / scale.astype(jnp.float32))
+  if config.bits.is_float:
+    return jnp.clip(u, -qmax, qmax).astype(config.storage_dtype), scale  # clip first: the cast does not saturate
+  q = jnp.clip(jnp.round(u), config.quant_config.qmin, qmax)
+  values = jnp.where(jnp.isnan(q), 0, q).astype(jnp.int8)  # a NaN scale marks the vector; its values store as 0
   if config.bits.is_packed:
     values = pack_int4(values, axis=-1)
   return values, scale

@@ -49,8 +49,8 @@ from jqat._src.formats import QuantBits
 from jqat._src.int_ops import int_dot_general
 from jqat._src.kv_cache import KVCacheConfig, kv_quantize, kv_values, kv_write
 from jqat._src.qat_dot import qat_dot_general
-from jqat._src.qparams import QParams, qparams_from_array
-from jqat._src.qtensor import QTensor, quantize
+from jqat._src.qparams import MIN_SCALE, QParams, qparams_from_array
+from jqat._src.qtensor import QTensor
 
 _GRANULARITIES = ("tensor", "head", "token")
 _INT_BITS = ("int4", "int5", "int6", "int7", "int8")
@@ -371,6 +371,26 @@ def quantized_attention(
 # --- attention over a quantized cache ---------------------------------------------------------------------
 
 
+def _quantize_rows(x: jax.Array, config: QatConfig) -> QTensor:
+  """``quantize(x, qparams_from_array(x, config), config)`` for one scale per row (the last axis reduced).
+
+  The same numbers, with the one reduction a row needs: symmetric from ``max |x|``; asymmetric only for
+  rows known to be non-negative (the folded probabilities), whose range is ``[0, max x]``, so the zero
+  point is ``qmin``. A decoding step is bound by its op count, and it runs this twice per layer.
+  """
+  x = x.astype(jnp.float32)
+  qmin, qmax = float(config.qmin), float(config.qmax)
+  if config.symmetric:
+    top, levels, zero = jnp.max(jnp.abs(x), axis=-1, keepdims=True), qmax, 0.0
+  else:
+    top, levels, zero = jnp.max(x, axis=-1, keepdims=True), qmax - qmin, qmin
+  scale = jnp.maximum(top * (1 / levels), MIN_SCALE)
+  scale = jnp.where(jnp.isfinite(top), scale, jnp.nan)
+  q = jnp.clip(jnp.round(x * (1 / scale)) + zero, qmin, qmax)
+  values = jnp.where(jnp.isnan(q), 0, q).astype(jnp.int8)
+  return QTensor(values, scale, jnp.full_like(scale, zero), config, x.shape)
+
+
 def cached_attention(
   query: jax.Array,
   key_values: jax.Array,
@@ -415,7 +435,7 @@ def cached_attention(
     scores = jnp.einsum("...qhd,...khd->...hqk", query, keys.astype(jnp.float32) * ks)
   else:
     qcfg = qk_config.operand_config(query.ndim)
-    qq = quantize(query, qparams_from_array(query, qcfg), qcfg)
+    qq = _quantize_rows(query, qcfg)
     kcfg = QatConfig(
       bits=store.bits if store.bits.is_float else QuantBits.INT8,
       symmetric=True,
@@ -430,7 +450,7 @@ def cached_attention(
   else:
     folded = weights * _token_scales_on_rows(vs, values.shape)
     pcfg = pv_config.probability_config(folded.ndim)
-    pq = quantize(folded, qparams_from_array(folded, pcfg), pcfg)
+    pq = _quantize_rows(folded, pcfg)
     vcfg = QatConfig(bits=store.bits if store.bits.is_float else QuantBits.INT8, symmetric=True)
     one = jnp.ones((), jnp.float32)
     vq = QTensor(values, one, jnp.zeros((), jnp.float32), vcfg, values.shape)
@@ -519,6 +539,11 @@ class QatAttention(nn.MultiHeadDotProductAttention):
       precision=self.precision,
       force_fp32_for_softmax=self.force_fp32_for_softmax,
     )
+    # Flax's einsum hooks (AQT's entry point) apply to float products, as in Flax's module.
+    if self.qk_attn_weights_einsum_cls is not None:
+      kwargs["qk_attn_weights_einsum"] = self.qk_attn_weights_einsum_cls()
+    if self.attn_weights_value_einsum_cls is not None:
+      kwargs["attn_weights_value_einsum"] = self.attn_weights_value_einsum_cls()
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     if sow_weights:
