@@ -155,6 +155,9 @@ def test_call_errors_name_the_layer_and_shapes():
   lin = nnx.Linear(3, 2, dot_general=jqat.nnx.QatDotGeneral(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"lhs \(input\) shape \(2, 5\) axis 1 has 5 elements but rhs \(kernel\) shape"):
     lin(jnp.ones((2, 5)))
+  conv = jqat.nnx.QatConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"input shape \(1, 5, 5, 2\) does not fit kernel shape \(3, 3, 3, 4\)"):
+    conv(jnp.ones((1, 5, 5, 2)))
   op = jqat.nnx.QatEinsumOp()
   with pytest.raises(ValueError, match=r"einsum 'ab,bc,cd->ad'.*two operands"):
     op("ab,bc,cd->ad", jnp.ones((2, 3)), jnp.ones((3, 4)))

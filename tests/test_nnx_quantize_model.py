@@ -114,6 +114,13 @@ def test_quantizing_twice_changes_nothing():
   assert nnx.graphdef(model) == before
 
 
+def test_report_counts_the_parameter_dtype():
+  model = jqat.nnx.quantize_model(nnx.Linear(64, 32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  (row,) = jqat.nnx.report(model, jnp.ones((2, 64), jnp.bfloat16), print_table=False)
+  assert row.float_bytes == 64 * 32 * 2
+  assert row.serving_bytes == 64 * 32 + 32 * 2 * 4  # int8 values, a float32 scale and zero point per column
+
+
 def test_a_rule_that_matches_nothing_raises_listing_the_paths():
   with pytest.raises(ValueError, match=r"'.*lm_haed'.*blocks/0/qkv.*lm_head"):
     jqat.nnx.quantize_model(LM(rngs=nnx.Rngs(0)), [jqat.Rule(".*lm_haed"), jqat.Rule(".*", weight=W8)])

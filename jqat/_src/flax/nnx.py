@@ -133,14 +133,15 @@ def _check_percentile(percentile, where: str) -> None:
 _RECORD = threading.local()
 
 
-def _record(quantizer, op: str, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg) -> None:
+def _record(quantizer, op: str, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg, rhs_dtype=jnp.float32) -> None:
   rows = getattr(_RECORD, "rows", None)
   if rows is not None:
-    rows.append((quantizer, op, tuple(lhs_shape), tuple(rhs_shape), lhs_cfg, rhs_cfg))
+    itemsize = jnp.dtype(rhs_dtype).itemsize
+    rows.append((quantizer, op, tuple(lhs_shape), tuple(rhs_shape), lhs_cfg, rhs_cfg, itemsize))
 
 
 class recording:  # noqa: N801 (a context manager, used like a function)
-  """Collects ``(quantizer, op, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg)`` of every quantized op called inside."""
+  """Collects ``(quantizer, op, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg, rhs_itemsize)`` of every op called inside."""
 
   def __enter__(self):
     self.previous = getattr(_RECORD, "rows", None)
@@ -413,7 +414,8 @@ class QatDotGeneral(_Quantizer):
     lhs_cfg = common.operand_config(self.lhs_config, len(lhs_shape), lc, lb)
     rhs_cfg = common.operand_config(self.rhs_config, len(rhs_shape), rc, rb)
     float_cfg = self.is_float
-    _record(self, op, lhs_shape, rhs_shape, None if float_cfg else lhs_cfg, None if float_cfg else rhs_cfg)
+    rhs_dtype = getattr(rhs, "dtype", jnp.float32)
+    _record(self, op, lhs_shape, rhs_shape, None if float_cfg else lhs_cfg, None if float_cfg else rhs_cfg, rhs_dtype)
     kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
     if self.rhs_serving is not None and rhs_cfg is not None:
       wq = self._served_weight(rhs_cfg, rhs_shape)
@@ -499,7 +501,14 @@ class QatConvGeneralDilated(_Quantizer):
     rhs_shape = tuple(rhs.shape)
     rhs_cfg = common.conv_kernel_config(self.rhs_config, jnp.shape(lhs), rhs_shape, dn)
     lhs_rec, rhs_rec = (None, None) if self.is_float else (self.lhs_config, rhs_cfg)
-    _record(self, "conv", jnp.shape(lhs), rhs_shape, lhs_rec, rhs_rec)
+    _record(self, "conv", jnp.shape(lhs), rhs_shape, lhs_rec, rhs_rec, rhs.dtype)
+    dims = lax.conv_dimension_numbers(jnp.shape(lhs), rhs_shape, dn)
+    groups = kwargs.get("feature_group_count", 1) or 1
+    if jnp.ndim(lhs) != len(rhs_shape) or jnp.shape(lhs)[dims.lhs_spec[1]] != rhs_shape[dims.rhs_spec[1]] * groups:
+      raise ValueError(
+        f"{where}: input shape {jnp.shape(lhs)} does not fit kernel shape {rhs_shape}: the input needs "
+        f"{len(rhs_shape)} axes with {rhs_shape[dims.rhs_spec[1]] * groups} features on axis {dims.lhs_spec[1]}."
+      )
     if self.rhs_serving is not None and rhs_cfg is not None:
       wq = self._served_weight(rhs_cfg, rhs_shape)
       return common.serve_conv(lhs, wq, self._served_activation(self.lhs_config), self.lhs_config, conv, dn)

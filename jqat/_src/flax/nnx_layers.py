@@ -260,7 +260,7 @@ class QatEmbed(nnx.Embed):
       raise ValueError(f"{self.quant._where()}: the lookup needs integer ids, got dtype {inputs.dtype}.")
     shape = (self.num_embeddings, self.features)
     cfg = self._table_cfg()
-    qnnx._record(self.quant, "embed", inputs.shape, shape, None, cfg)
+    qnnx._record(self.quant, "embed", inputs.shape, shape, None, cfg, self.param_dtype)
     if cfg is not None and self.quant.is_converted:
       wq = self.quant._served_weight(cfg, shape)
       rows = common.with_out_sharding(lambda i: _gather_rows(wq, i), out_sharding)(inputs)

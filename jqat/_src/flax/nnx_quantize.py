@@ -204,7 +204,7 @@ def report(model, *args, print_table: bool = True, **kwargs) -> list[OpReport]:
   no statistic changes). One row per op and kind: path, op (``"dot"``,
   ``"einsum"``, ``"conv"``, ``"embed"``, ``"attend"``), operand shapes, the
   rule that matched (None when the layer was not made by a rule), the weight
-  and activation formats, the float (float32) and the serving bytes of the weight. A
+  and activation formats, the float and the serving bytes of the weight. A
   table used twice (tied lookup and attend) counts its bytes once.
 
   Args:
@@ -233,7 +233,7 @@ def report(model, *args, print_table: bool = True, **kwargs) -> list[OpReport]:
   with qnnx.recording() as recorded:
     jax.eval_shape(run, state)
   rows, seen, counted = [], set(), set()
-  for q, op, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg in recorded:
+  for q, op, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg, itemsize in recorded:
     path = _layer_path(q)
     key = (path, op, lhs_shape, rhs_shape)
     if key in seen:
@@ -242,7 +242,7 @@ def report(model, *args, print_table: bool = True, **kwargs) -> list[OpReport]:
     n_bytes = (0, 0)
     if (path, rhs_shape) not in counted:
       counted.add((path, rhs_shape))
-      n_bytes = (math.prod(rhs_shape) * 4, weight_serving_bytes(rhs_shape, rhs_cfg))
+      n_bytes = (math.prod(rhs_shape) * itemsize, weight_serving_bytes(rhs_shape, rhs_cfg, itemsize))
     rows.append(OpReport(path, op, lhs_shape, rhs_shape, q.rule, describe(rhs_cfg), describe(lhs_cfg), *n_bytes))
   if print_table:
     print(format_table(rows))
