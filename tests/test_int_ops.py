@@ -364,8 +364,7 @@ def test_int_conv_past_2_31_matches_int64_reference():
   w[0, 0, 0, 1] = 0.0
   cfg = jqat.QatConfig(symmetric=False)
   wcfg = jqat.QatConfig(symmetric=False, per_channel=True)
-  xq = jqat.quantize(x, jqat.qparams_from_array(x, cfg), cfg)
-  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  xq, wq = jax.jit(lambda x, w: (_quantize(x, symmetric=False), _quantize(w, symmetric=False, per_channel=True)))(x, w)
   assert int_kernels.plan_conv(cfg, wcfg, 4096, 9, int_kernels.INT32_MAX) == (2, 2048)
   ref = _conv_reference(xq, wq, (1, 1), ((0, 0), (0, 0)), 1)
   assert ref.max() > 2**31 - 1
@@ -376,7 +375,7 @@ def test_int_conv_past_2_31_matches_int64_reference():
   np.testing.assert_allclose(y, ref * scale, rtol=4 * EPS32)
 
 
-@pytest.mark.parametrize("lsym,rsym", SYM_PAIRS)
+@pytest.mark.parametrize("lsym,rsym", [(True, False), (False, False)])  # both zero-point terms, and neither on lhs
 def test_int_conv_matches_int64_reference_with_strides_padding_groups_and_a_split(lsym, rsym):
   rng = np.random.default_rng(1)
   x = (rng.standard_normal((2, 7, 6, 8)) + 0.4).astype(np.float32)
