@@ -64,9 +64,18 @@ def test_qat_einsum_with_bias_calibrates_converts_and_serves_the_integer_path():
   assert _nbytes(served["serving"]) <= 0.27 * kernel_bytes
 
 
-def test_qat_einsum_rejects_an_implicit_equation():
+def test_bad_fields_and_equations_raise_in_the_layers_words():
   with pytest.raises(ValueError, match="explicit"):
     qnn.QatEinsum((3, 4), "bd,df").init(jax.random.key(0), jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="momentum"):
+    qnn.QatEinsum((3, 4), "bd,df->bf", momentum=2.0)
+  with pytest.raises(TypeError, match="weight_config"):
+    qnn.QatEmbed(8, 4, weight_config=8)
+  with pytest.raises(ValueError, match="integer ids"):
+    qnn.QatEmbed(8, 4).init(jax.random.key(0), jnp.ones((2,)))
+  v = qnn.QatEmbed(8, 4).init(jax.random.key(0), jnp.array([1]))
+  with pytest.raises(ValueError, match=r"4 features.*\(2, 3\)"):
+    qnn.QatEmbed(8, 4).apply(v, jnp.ones((2, 3)), method="attend")
 
 
 class TiedLM(nn.Module):

@@ -380,3 +380,25 @@ def test_report_prints_the_table_and_counts_a_tied_table_once(capsys):
   mlp = by[("layers/mlp", "dot")]
   assert mlp.rhs_shape == (16, 16) and mlp.float_bytes == 2 * 16 * 16 * 4  # both layers of the scan stack
   assert mlp.serving_bytes == 2 * weight_serving_bytes((16, 16), INT8_W)
+
+
+def test_other_methods_of_the_model_run_quantized_by_name():
+  class AutoEncoder(nn.Module):
+    def setup(self):
+      self.enc = nn.Dense(4)
+      self.dec = nn.Dense(8)
+
+    def encode(self, x):
+      return self.enc(x)
+
+    def __call__(self, x):
+      return self.dec(self.encode(x))
+
+  x = jax.random.normal(jax.random.key(1), (2, 8))
+  qm = qnn.quantize_model(AutoEncoder())
+  v = qm.init(jax.random.key(0), x, method="encode")
+  assert sorted(v["params"]) == sorted(v["quant_stats"]) == ["enc"]
+  v = qm.init(jax.random.key(0), x)
+  a, b = qm.apply(v, x, method="encode"), qm.apply(v, x, method=AutoEncoder.encode)
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(a - AutoEncoder().apply(v, x, method="encode")).max()) > 1e-5  # quantized

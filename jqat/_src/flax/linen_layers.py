@@ -35,7 +35,7 @@ from jqat._src.config import QatConfig
 from jqat._src.einsum import parse_einsum
 from jqat._src.fake_quant import fake_quant
 from jqat._src.flax import common
-from jqat._src.flax.linen import CALIB, REPLACED, SERVE, QatDotGeneral, _autoname_as, _where
+from jqat._src.flax.linen import CALIB, REPLACED, SERVE, QatDotGeneral, _autoname_as, _check_fields, _where
 from jqat._src.formats import compute_dtype
 from jqat._src.qtensor import quantize
 from jqat._src.rules import DEFAULT_EMBEDDING
@@ -100,6 +100,7 @@ class QatEinsum(nn.Einsum):
   momentum: float = 0.9
 
   def __post_init__(self):
+    _check_fields(self, "weight_config", "activation_config")
     _autoname_as(self, nn.Einsum)
     super().__post_init__()
 
@@ -195,11 +196,11 @@ class QatEmbed(nn.Embed):
   momentum: float = 0.9
 
   def __post_init__(self):
+    _check_fields(self, "weight_config", "activation_config")
     _autoname_as(self, nn.Embed)
     super().__post_init__()
 
   def setup(self):
-    common.check_mode(self.mode, _where(self))
     if self.is_initializing() or self.has_variable("params", "embedding"):
       try:
         self.embedding = self.param(
@@ -307,6 +308,7 @@ class QatDenseGeneral(nn.DenseGeneral):
   momentum: float = 0.9
 
   def __post_init__(self):
+    _check_fields(self, "weight_config", "activation_config")
     if self.dot_general_cls is None and self.dot_general is None:
       object.__setattr__(
         self,

@@ -544,16 +544,17 @@ class QuantizedModel(nn.Module):
 
   @nn.nowrap
   def _method(self, method):
-    if method is None:
-      return None
+    if method is None or getattr(method, "_jqat_method", False):
+      return method
     name = method if isinstance(method, str) else getattr(method, "__name__", None)
     if name is None or not hasattr(type(self.model), name):
       raise ValueError(f"method={method!r}: the quantized model runs methods of {type(self.model).__name__} by name.")
-    return lambda module, *a, **k: module._run(name, *a, **k)
 
-  @nn.nowrap
-  def init(self, rngs, *args, method=None, **kwargs):
-    return super().init(rngs, *args, method=self._method(method), **kwargs)
+    def run(module, *a, **k):
+      return module._run(name, *a, **k)
+
+    run._jqat_method = True
+    return run
 
   @nn.nowrap
   def init_with_output(self, rngs, *args, method=None, **kwargs):
