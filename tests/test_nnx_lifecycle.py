@@ -148,7 +148,7 @@ def test_construction_errors_name_the_value(make, match):
 
 def test_call_errors_name_the_layer_and_shapes():
   emb = jqat.nnx.QatEmbed(10, 4, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"QatDotGeneral.*integer ids, got dtype float32"):
+  with pytest.raises(ValueError, match=r"QatEmbed: the lookup needs integer ids, got dtype float32"):
     emb(jnp.ones((2,)))
   with pytest.raises(ValueError, match=r"attend needs a query ending in 4 features, got shape \(2, 3\)"):
     emb.attend(jnp.ones((2, 3)))

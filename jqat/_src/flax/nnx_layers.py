@@ -251,13 +251,19 @@ class QatEmbed(nnx.Embed):
     new.quant.init_lsq(embed.embedding[...], _table_config(weight_config))
     return new
 
+  def _where(self) -> str:
+    path = self.quant.path or ""
+    if path == "quant" or path.endswith("/quant"):  # named by quantizers(): the op's path, not the layer's
+      path = path[: -len("quant")].rstrip("/")
+    return f"QatEmbed at '{path}'" if path else "QatEmbed"
+
   def _table_cfg(self):
     return None if self.quant.is_float else _table_config(self.quant.rhs_config)
 
   def __call__(self, inputs, out_sharding=None):
     inputs = jnp.asarray(inputs)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
-      raise ValueError(f"{self.quant._where()}: the lookup needs integer ids, got dtype {inputs.dtype}.")
+      raise ValueError(f"{self._where()}: the lookup needs integer ids, got dtype {inputs.dtype}.")
     shape = (self.num_embeddings, self.features)
     cfg = self._table_cfg()
     qnnx._record(self.quant, "embed", inputs.shape, shape, None, cfg, self.param_dtype)
@@ -276,7 +282,7 @@ class QatEmbed(nnx.Embed):
     query = jnp.asarray(query)
     if query.shape[-1:] != (self.features,):
       raise ValueError(
-        f"{self.quant._where()}: attend needs a query ending in {self.features} features, got shape {query.shape}."
+        f"{self._where()}: attend needs a query ending in {self.features} features, got shape {query.shape}."
       )
     table = self.embedding[...]
     query, table = self.promote_dtype((query, table), dtype=self.dtype)
