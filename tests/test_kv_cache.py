@@ -73,8 +73,12 @@ def test_bytes_per_token():
 
 @pytest.mark.parametrize(
   "kwargs, field",
-  [({"bits": "int3"}, "bits"), ({"bits": 8}, "bits"), ({"scale_dtype": "float16"}, "scale_dtype"),
-   ({"scale_dtype": "int8"}, "scale_dtype")],
+  [
+    ({"bits": "int3"}, "bits"),
+    ({"bits": 8}, "bits"),
+    ({"scale_dtype": "float16"}, "scale_dtype"),
+    ({"scale_dtype": "int8"}, "scale_dtype"),
+  ],
 )
 def test_config_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f"KVCacheConfig.{field}="):

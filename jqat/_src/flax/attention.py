@@ -298,15 +298,39 @@ def dot_product_attention(
   query, key, value = promote_dtype(query, key, value, dtype=dtype)
   sow = None if module is None else lambda w: module.sow("intermediates", "attention_weights", w)
   return quantized_products_attention(
-    query, key, value, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
-    broadcast_dropout=broadcast_dropout, deterministic=deterministic, precision=precision, sow=sow,
-    qk_config=qk_config, pv_config=pv_config, where=where,
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    dropout_rng=dropout_rng,
+    dropout_rate=dropout_rate,
+    broadcast_dropout=broadcast_dropout,
+    deterministic=deterministic,
+    precision=precision,
+    sow=sow,
+    qk_config=qk_config,
+    pv_config=pv_config,
+    where=where,
   )
 
 
 def quantized_products_attention(
-  query, key, value, bias, mask, *, dropout_rng, dropout_rate, broadcast_dropout, deterministic, precision, sow,
-  qk_config, pv_config, where,
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  *,
+  dropout_rng,
+  dropout_rate,
+  broadcast_dropout,
+  deterministic,
+  precision,
+  sow,
+  qk_config,
+  pv_config,
+  where,
 ):
   """The attention of ``dot_product_attention`` on promoted operands; ``sow(weights)`` records the weights."""
   dtype = query.dtype
@@ -321,8 +345,12 @@ def quantized_products_attention(
   if sow is not None:
     sow(weights.astype(dtype))
   weights = _dropout(
-    weights, dropout_rng=dropout_rng, dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
-    deterministic=deterministic, key_ndim=key.ndim,
+    weights,
+    dropout_rng=dropout_rng,
+    dropout_rate=dropout_rate,
+    broadcast_dropout=broadcast_dropout,
+    deterministic=deterministic,
+    key_ndim=key.ndim,
   )
   if pv_config is None:
     out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(dtype), value, precision=precision)

@@ -57,8 +57,20 @@ def dot_product_attention(
   _check_config(pv_config, "pv_config", where)
   if qk_config is None and pv_config is None:
     return nnx.dot_product_attention(
-      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
-      module, promote_dtype, is_causal,
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      broadcast_dropout,
+      dropout_rng,
+      dropout_rate,
+      deterministic,
+      dtype,
+      precision,
+      module,
+      promote_dtype,
+      is_causal,
     )
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   if is_causal:
@@ -66,9 +78,20 @@ def dot_product_attention(
     mask = causal if mask is None else jnp.logical_and(mask.astype(jnp.bool_), causal)
   sow = None if module is None else lambda w: module.sow(nnx.Intermediate, "attention_weights", w)
   return quantized_products_attention(
-    query, key, value, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
-    broadcast_dropout=broadcast_dropout, deterministic=deterministic, precision=precision, sow=sow,
-    qk_config=qk_config, pv_config=pv_config, where=where,
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    dropout_rng=dropout_rng,
+    dropout_rate=dropout_rate,
+    broadcast_dropout=broadcast_dropout,
+    deterministic=deterministic,
+    precision=precision,
+    sow=sow,
+    qk_config=qk_config,
+    pv_config=pv_config,
+    where=where,
   )
 
 
