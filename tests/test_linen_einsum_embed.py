@@ -54,10 +54,10 @@ def test_qat_einsum_with_bias_calibrates_converts_and_serves_the_integer_path():
   v = layer.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, v["params"]) == {"bias": (2, 32), "kernel": (256, 2, 32)}
   v = qnn.calibrate(layer, v, [x, x * 0.5], method="minmax")
-  served = qnn.convert(layer, v, x)
+  served = jax.jit(lambda v, x: qnn.convert(layer, v, x))(v, x)
   assert sorted(served["params"]) == ["bias"]  # the float kernel is gone
   f = jax.jit(layer.apply)
-  np.testing.assert_allclose(f(served, x), layer.apply(v, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(f(served, x), f(v, x), rtol=1e-5, atol=1e-5)
   hlo = f.lower(served, x).compile().as_text()
   assert "s8" in hlo and "s32" in hlo
   kernel_bytes = 256 * 2 * 32 * 4
@@ -124,16 +124,16 @@ def test_tied_embedding_serves_one_quantized_table(wcfg, limit):
   embed = lambda *a, **k: qnn.QatEmbed(*a, weight_config=wcfg, **k)  # noqa: E731
   model = TiedLM(vocab=vocab, dim=dim, embed=embed)
   ids = jax.random.randint(jax.random.key(2), (2, 8), 0, vocab)
-  v = model.init(jax.random.key(0), ids)
+  v = jax.jit(model.init)(jax.random.key(0), ids)
   v = qnn.calibrate(model, v, [ids], method="minmax")
-  served = qnn.convert(model, v, ids)
+  served = jax.jit(lambda v, x: qnn.convert(model, v, x))(v, ids)
   assert "embed" not in served["params"]  # the float table is gone
   flat = traverse_util.flatten_dict(served["serving"]["embed"])
   tables = [k for k, a in flat.items() if a.ndim == 2 and a.shape[1] == dim and a.dtype in (jnp.int8, jnp.uint8)]
   assert tables == [("attend", "rhs", "values")], flat.keys()  # one table serves lookup and attend
   assert _nbytes(served["serving"]["embed"]) <= limit * vocab * dim * 4
   f = jax.jit(model.apply)
-  np.testing.assert_allclose(f(served, ids), model.apply(v, ids), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(f(served, ids), f(v, ids), rtol=1e-5, atol=1e-4)
   # The lookup alone (packed int4 rows are unpacked from their nibbles) equals the QAT rows exactly.
   emb_served = jax.jit(lambda s, i: embed(vocab, dim).apply({"params": {}, "serving": s}, i))
   emb_qat = embed(vocab, dim).apply({"params": v["params"]["embed"]}, ids)

@@ -1,5 +1,6 @@
 """quantize_model on linen code written without jqat: stock layers, gemma-style and Hugging Face-style modules."""
 
+import functools
 import threading
 
 import flax.linen as nn
@@ -102,6 +103,27 @@ def _with_stats(qm, v, *args):
   return {**v, **upd}
 
 
+def _init(model, *args, **kwargs):
+  # Jitted: an eager init dispatches (and compiles) every small op on its own.
+  return jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(0), *args)
+
+
+_JITTED = {}
+
+
+def _apply(model, v, *args, **kwargs):
+  # One jitted apply per model and keywords, shared by the tests (same variables' structure: no recompilation).
+  key = (id(model), tuple(sorted(kwargs.items())))
+  if key not in _JITTED:
+    _JITTED[key] = (model, jax.jit(functools.partial(model.apply, **kwargs)))
+  return _JITTED[key][1](v, *args)
+
+
+def _served_and_hlo(model, served, *args):
+  compiled = jax.jit(model.apply).lower(served, *args).compile()
+  return compiled(served, *args), compiled.as_text()
+
+
 def _convert(qm, v, *args):
   # Under jit: one compilation instead of an eager dispatch per op (the checks still run, when it runs).
   return jax.jit(lambda v, *a: qnn.convert(qm, v, *a))(v, *args)
@@ -119,20 +141,20 @@ def lm():
     jqat.Rule(".*", weight=INT8_W, activation=INT8_A),
   ]
   qm = qnn.quantize_model(TiedLM(), rules)
-  v_init = qm.init(jax.random.key(0), ids)
+  v_init = _init(qm, ids)
   return qm, ids, v_init, _with_stats(qm, v_init, ids)
 
 
 def test_same_parameter_tree_and_values_so_float_checkpoints_load(lm):
   qm, ids, vq, _ = lm
   model = TiedLM()
-  vf = model.init(jax.random.key(0), ids)
+  vf = _init(model, ids)
   assert jax.tree.structure(vq["params"]) == jax.tree.structure(vf["params"])
   for a, b in zip(jax.tree.leaves(vq["params"]), jax.tree.leaves(vf["params"])):
     np.testing.assert_array_equal(a, b)
   # The float checkpoint runs in the quantized model: float output plus int8 noise.
-  y = qm.apply({**vq, "params": vf["params"]}, ids)
-  yf = model.apply(vf, ids)
+  y = _apply(qm, {**vq, "params": vf["params"]}, ids)
+  yf = _apply(model, vf, ids)
   rel = float(jnp.linalg.norm(y - yf) / jnp.linalg.norm(yf))
   assert 0 < rel < 0.05, rel
   # Statistics sit under each op's module path, stacked by nn.scan like the parameters.
@@ -163,9 +185,8 @@ def test_every_op_kind_is_quantized_and_served_equals_qat_with_s8_dots(lm):
   # Every replaced float weight is gone, whatever its name (kernel, embedding, w, linear); biases and norms stay.
   left = {k[-1] for k in traverse_util.flatten_dict(served["params"])}
   assert left <= {"bias", "scale"}, left
-  f = jax.jit(qm.apply)
-  np.testing.assert_allclose(f(served, ids), f(v, ids), rtol=1e-4, atol=1e-4)
-  hlo = f.lower(served, ids).compile().as_text()
+  y, hlo = _served_and_hlo(qm, served, ids)
+  np.testing.assert_allclose(y, _apply(qm, v, ids), rtol=1e-4, atol=1e-4)
   assert "s8" in hlo and "s32" in hlo
 
 
@@ -173,7 +194,7 @@ def test_weight_first_equations_match_the_fake_quant_reference():
   x = jax.random.normal(jax.random.key(1), (2, 3, 16))
   block = GemmaBlock()
   qm = qnn.quantize_model(block, [jqat.Rule(".*", weight=INT8_W, activation=INT8_A)])
-  v = qm.init(jax.random.key(0), x)
+  v = _init(qm, x)
   w_qkv = v["params"]["qkv_einsum"]["w"]
   w_gate = v["params"]["gating"]["linear"]
 
@@ -184,37 +205,38 @@ def test_weight_first_equations_match_the_fake_quant_reference():
   qkv = jnp.einsum("BTD,CDNH->CBTNH", fq(x, INT8_A), fq(w_qkv, INT8_W.replace(channel_axis=(0, 2, 3))))
   h = qkv.sum(0).reshape(x.shape)
   ref = x + jnp.einsum("DF,BTD->BTF", fq(w_gate, INT8_W.replace(channel_axis=1)), fq(h, INT8_A))
-  np.testing.assert_allclose(qm.apply(v, x), ref, rtol=1e-4, atol=1e-4)
+  y = _apply(qm, v, x)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
   # Not the same as the float block: the weights really are quantized.
-  assert float(jnp.abs(qm.apply(v, x) - block.apply(v, x)).max()) > 1e-3
+  assert float(jnp.abs(y - _apply(block, v, x)).max()) > 1e-3
 
 
 def test_scan_stacked_layers_calibrate_convert_and_serve(lm):
   qm, ids, v, _ = lm
-  v = qnn.calibrate(qm, v, [ids, _ids(seed=1)], method="percentile")
+  v = qnn.calibrate(qm, v, [ids, _ids(seed=1)], method="minmax")
   mlp = v["quant_stats"]["layers"]["mlp"]["quant"]["lhs"]
   assert mlp.frozen.shape == (2,) and bool(mlp.frozen.all())  # each layer of the stack has its own range
   assert float(jnp.abs(mlp.scale[0] - mlp.scale[1])) > 0
   served = _convert(qm, v, ids)
   values = served["serving"]["layers"]["mlp"]["quant"]["rhs"]["values"]
   assert values.shape == (2, 16, 16) and values.dtype == jnp.int8
-  f = jax.jit(qm.apply)
-  np.testing.assert_allclose(f(served, ids), f(v, ids), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_apply(qm, served, ids), _apply(qm, v, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_first_rule_wins_and_a_float_rule_keeps_the_layer_float():
   img = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
   model = ConvNet()
   qm = qnn.quantize_model(model, [jqat.Rule(".*head.*"), jqat.Rule(".*", weight=INT8_W, activation=INT8_A)])
-  v = _with_stats(qm, qm.init(jax.random.key(0), img), img)
+  v = _with_stats(qm, _init(qm, img), img)
   assert sorted(v["quant_stats"]) == ["conv"]
   rows = {r.path: r for r in qnn.report(qm, v, img, print_table=False)}
   assert rows["head"].weight == "float" and rows["head"].rule == ".*head.*"
   assert rows["conv"].op == "conv" and rows["conv"].weight.startswith("int8")
   served = _convert(qm, v, img)
   assert "kernel" in served["params"]["head"] and "kernel" not in served["params"]["conv"]
-  f = jax.jit(qm.apply)
-  np.testing.assert_allclose(f(served, img), f(v, img), rtol=1e-4, atol=1e-4)
+  y, hlo = _served_and_hlo(qm, served, img)
+  np.testing.assert_allclose(y, _apply(qm, v, img), rtol=1e-4, atol=1e-4)
+  assert "s16" in hlo and "s32" in hlo  # the integer convolution
 
 
 def test_a_rule_that_matches_nothing_raises_listing_the_paths():
@@ -234,7 +256,7 @@ def test_bytes_after_convert(wcfg, limit):
 
   x = jax.random.normal(jax.random.key(1), (4, 256))
   qm = qnn.quantize_model(Wide(), [jqat.Rule(".*", weight=wcfg, activation=INT8_A)])
-  v = _with_stats(qm, qm.init(jax.random.key(0), x), x)
+  v = _with_stats(qm, _init(qm, x), x)
   served = _convert(qm, v, x)
   # int4 conv kernels pack two values per byte along their first (height) axis, which a 1x1 kernel lacks.
   for layer in ("dg", "conv", "w") if wcfg.bits.value == "int8" else ("dg", "w"):
@@ -359,7 +381,7 @@ def test_lsq_rule_under_a_param_override_that_needs_a_shape():
   lsq = jqat.QatConfig(bits="int8", per_channel=True, estimator="lsq")
   x = jax.random.normal(jax.random.key(1), (2, 3, 16))
   qm = qnn.quantize_model(GemmaBlock(), [jqat.Rule(".*", weight=lsq, activation=INT8_A)])
-  v = qm.init(jax.random.key(0), x)
+  v = _init(qm, x)
   scales = [k for k in traverse_util.flatten_dict(v["params"]) if k[-1] == "rhs_scale"]
   assert scales  # LSQ's learned scales are parameters of the op (beside, not inside, the model's own)
   g = jax.grad(lambda p: qm.apply({**v, "params": p}, x).sum())(v["params"])
@@ -369,7 +391,7 @@ def test_lsq_rule_under_a_param_override_that_needs_a_shape():
 def test_report_prints_the_table_and_counts_a_tied_table_once(capsys):
   ids = _ids()
   qm = qnn.quantize_model(TiedLM())  # the default rules
-  v = {"params": TiedLM().init(jax.random.key(0), ids)["params"]}  # float variables will do
+  v = {"params": _init(TiedLM(), ids)["params"]}  # float variables will do
   rows = qnn.report(qm, v, ids)
   out = capsys.readouterr().out
   assert out.splitlines()[0].split()[:2] == ["path", "op"] and "total" in out
@@ -396,9 +418,9 @@ def test_other_methods_of_the_model_run_quantized_by_name():
 
   x = jax.random.normal(jax.random.key(1), (2, 8))
   qm = qnn.quantize_model(AutoEncoder())
-  v = qm.init(jax.random.key(0), x, method="encode")
+  v = _init(qm, x, method="encode")
   assert sorted(v["params"]) == sorted(v["quant_stats"]) == ["enc"]
-  v = qm.init(jax.random.key(0), x)
+  v = _init(qm, x)
   a, b = qm.apply(v, x, method="encode"), qm.apply(v, x, method=AutoEncoder.encode)
   np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(a - AutoEncoder().apply(v, x, method="encode")).max()) > 1e-5  # quantized
