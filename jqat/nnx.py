@@ -12,6 +12,7 @@ from jqat._src.flax.nnx import calibrate as calibrate
 from jqat._src.flax.nnx import convert as convert
 from jqat._src.flax.nnx import freeze as freeze
 from jqat._src.flax.nnx import set_mode as set_mode
+from jqat._src.flax.nnx_attention import QatMultiHeadAttention as QatMultiHeadAttention
 from jqat._src.flax.nnx_attention import dot_product_attention as dot_product_attention
 from jqat._src.flax.nnx_attention import quantized_attention as quantized_attention
 from jqat._src.flax.nnx_layers import QatEinsum as QatEinsum
@@ -22,6 +23,7 @@ from jqat._src.flax.nnx_quantize import report as report
 
 __all__ = (
   "AttentionQuantConfig",
+  "QatMultiHeadAttention",
   "dot_product_attention",
   "quantized_attention",
   "KernelShape",

@@ -331,3 +331,30 @@ def test_nnx_decoding_with_quantized_products_equals_full_forward():
   # NNX's float cache feeds the same per-token quantized products: equal up to the float rounding of a
   # one-row projection moving a value across a rounding boundary (as for linen above).
   np.testing.assert_allclose(cached, full, atol=2e-3, rtol=0)
+
+
+def test_nnx_int8_cache_decoding_equals_full_quantized_forward():
+  from flax import nnx
+
+  import jqat.nnx as qnnx
+
+  layer = qnnx.QatMultiHeadAttention(
+    num_heads=H, in_features=D, decode=False, rngs=nnx.Rngs(0), cache_config=jqat.KVCacheConfig()
+  )
+  x = jax.random.normal(jax.random.key(8), (B, L, D))
+  full = nnx.jit(lambda m, x: m(x, mask=nn.make_causal_mask(jnp.ones((B, L)))))(layer, x)
+  layer.init_cache((B, L, D))
+  step = nnx.jit(lambda m, xt: m(xt, decode=True))
+  outs, keys = [], []
+  for t in range(L):
+    outs.append(step(layer, x[:, t : t + 1]))
+    keys.append(np.asarray(layer.cached_key[...]))
+  # The same per-token products as the full forward (the int8 cache quantizes as they do): as for linen.
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-3, rtol=0)
+  assert layer.cached_key.dtype == jnp.int8 and layer.cached_value_scale.shape == (B, L, H, 1)
+  for t in range(1, L):
+    np.testing.assert_array_equal(keys[t][:, :t], keys[t - 1][:, :t])  # earlier tokens keep their bytes
+  with pytest.raises(ValueError, match=r"QatMultiHeadAttention: decoding position 8 is past the cache's length 8"):
+    layer(x[:, :1], decode=True)
+  with pytest.raises(ValueError, match=r"cache's batch \(2,\) .*got \(3, 1, 2, 8\)"):
+    layer(jnp.ones((3, 1, D)), decode=True)
