@@ -4,7 +4,7 @@ The same arithmetic as ``jqat.linen.dot_product_attention`` (see ``jqat._src.fla
 ``p·v`` as ``int8 x int8 -> int32`` dots with ranges from the operands, the value scales folded into the
 probabilities, each probability row on its own unsigned 8-bit grid, the softmax in float32. NNX's own decode
 cache (``decode=True``, ``init_cache``) feeds this function the float cache, so quantized products work
-while decoding too; the quantized (int8) cache itself is the linen ``QatAttention``'s.
+while decoding too. ``QatMultiHeadAttention`` adds the quantized (int8 / int4 / fp8) cache.
 """
 
 from __future__ import annotations
