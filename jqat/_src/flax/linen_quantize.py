@@ -21,13 +21,16 @@ of the model and, for each op a rule matches:
   looks at a thread-local stack of the module calls in progress, so other
   threads and other models see the plain functions.
 
-Transforms: ``nn.scan`` (and modules built with it) is rebuilt with the
-statistics, calibration and serving collections added to its
-``variable_axes`` (stacked like the parameters), since a model written
-elsewhere lists only ``params``. ``nn.jit`` caches traces by the module's
-fields; the interceptor adds a key naming this quantized model to each
-module's state, so a quantized trace is never reused for the float model or
-the other way round. ``nn.remat`` and ``nn.share_scope`` need nothing.
+Transforms: a model written elsewhere lists only ``params`` in ``nn.scan``'s
+``variable_axes``; while a quantized model runs, flax's split of those axes
+(``flax.core.lift._split_in_out_axes``) adds the statistics, calibration and
+serving collections on the parameters' axis, so they stack per layer.
+``nn.jit`` caches a trace by a fingerprint of the module's fields and state
+(``flax.linen.transforms._module_fingerprint``), which knows nothing of
+interceptors; the run's token joins that fingerprint, so a quantized trace is
+never reused for the float model, nor the other way round. Both are flax
+0.12 internals, routed as the contraction functions are (this thread, this
+call); ``nn.remat``, ``nn.share_scope`` and ``setup()`` need nothing.
 """
 
 from __future__ import annotations
@@ -294,8 +297,14 @@ def _make_fingerprint_route(original):
 
 @contextlib.contextmanager
 def _routing():
-  """Routes the four contraction functions while at least one quantized model runs (any thread)."""
+  """Routes the functions of ``_ROUTED`` while at least one quantized model runs (any thread)."""
   global _route_depth
+  missing = [f"{mod.__name__}.{attr}" for mod, attr, _ in _ROUTED if not hasattr(mod, attr)]
+  if missing:
+    raise RuntimeError(
+      f"quantize_model needs {', '.join(missing)}, which this flax / jax version lacks (made for flax 0.12): "
+      "without them nn.scan and nn.jit would run the quantized model wrongly."
+    )
   with _route_lock:
     if _route_depth == 0:
       for mod, attr, kind in _ROUTED:
