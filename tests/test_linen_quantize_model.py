@@ -424,3 +424,36 @@ def test_other_methods_of_the_model_run_quantized_by_name():
   a, b = qm.apply(v, x, method="encode"), qm.apply(v, x, method=AutoEncoder.encode)
   np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(a - AutoEncoder().apply(v, x, method="encode")).max()) > 1e-5  # quantized
+
+
+class Scaled(nn.Module):
+  """A wrapper that shares its child's scope (flax's LoRA pattern): no extra level in the parameter tree."""
+
+  base: nn.Module
+
+  def setup(self):
+    nn.share_scope(self, self.base)
+
+  def __call__(self, x):
+    return 2.0 * self.base(x)
+
+
+class RematModel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(nn.Dense)(16, name="remat_fc")(x)
+    return Scaled(nn.Dense(8, name="shared"))(nn.relu(x))
+
+
+def test_remat_and_share_scope():
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  model = RematModel()
+  qm = qnn.quantize_model(model)
+  v = _with_stats(qm, _init(qm, x), x)
+  assert jax.tree.structure(v["params"]) == jax.tree.structure(_init(model, x)["params"])
+  assert sorted(v["quant_stats"]) == ["remat_fc", "shared"]
+  g = jax.jit(jax.grad(lambda p: qm.apply({**v, "params": p}, x).sum()))(v["params"])
+  assert all(bool(jnp.isfinite(a).all()) and float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g))
+  served = _convert(qm, v, x)
+  assert sorted(traverse_util.flatten_dict(served["params"])) == [("remat_fc", "bias"), ("shared", "bias")]
+  np.testing.assert_allclose(_apply(qm, served, x), _apply(qm, v, x), rtol=1e-4, atol=1e-4)
