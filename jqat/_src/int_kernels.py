@@ -356,22 +356,23 @@ def rescale(acc: jax.Array, scale: jax.Array, plan: Plan) -> jax.Array:
 
 def nonfinite_out(lhs: jax.Array, rhs: jax.Array, dims: DimensionNumbers, *, check_lhs: bool = True,
                   check_rhs: bool = True) -> jax.Array | None:
-  """Where the dot of float ``lhs`` and ``rhs`` meets a NaN or ±Inf, in the output layout (or None).
+  """0, or NaN where the dot of float ``lhs`` and ``rhs`` meets a NaN or ±Inf: add it to the output (or None).
 
   An output element is touched when its row of ``lhs`` or its column of
   ``rhs`` (over the contracting axes) holds a non-finite value; that is where
-  the float dot is non-finite (up to an Inf meeting a 0). One reduction per
-  operand, fused with the quantization that reads the operand anyway.
+  the float dot is non-finite (up to an Inf meeting a 0). ``Σ x · 0`` over the
+  contraction is exactly that mark (``±Inf · 0`` and ``NaN · 0`` are NaN): one
+  float sum per operand, and adding its broadcast fuses into the rescale.
   """
   (lc, rc), (lb, rb) = dims
   lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
   out = None
   if check_lhs:
-    bad = jnp.any(~jnp.isfinite(lhs), axis=lc, keepdims=True)
-    out = _to_out(bad, lc, lb, lf, len(rf), True, ())
+    mark = jnp.sum(lhs.astype(jnp.float32) * 0, axis=lc, keepdims=True)
+    out = _to_out(mark, lc, lb, lf, len(rf), True, ())
   if check_rhs:
-    bad = _to_out(jnp.any(~jnp.isfinite(rhs), axis=rc, keepdims=True), rc, rb, rf, len(lf), False, ())
-    out = bad if out is None else out | bad
+    mark = _to_out(jnp.sum(rhs.astype(jnp.float32) * 0, axis=rc, keepdims=True), rc, rb, rf, len(lf), False, ())
+    out = mark if out is None else out + mark
   return out
 
 

@@ -96,9 +96,9 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
     y = _float_dot(static, a, b)
   # An integer grid has no NaN: rows and columns that met a NaN or Inf are
   # made non-finite, as the float dot would give them (one fused reduction).
-  bad = int_kernels.nonfinite_out(lhs, rhs, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None)
-  if bad is not None:
-    y = jnp.where(bad, jnp.asarray(jnp.nan, y.dtype), y)
+  mark = int_kernels.nonfinite_out(lhs, rhs, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None)
+  if mark is not None:
+    y = y + mark.astype(y.dtype)
   # Low-precision values and byte masks instead of float copies: the backward
   # rebuilds fake_quant(x) from them with one elementwise op.
   return y, (ql, ml, ls, lz, qr, mr, rs, rz)
