@@ -105,18 +105,21 @@ def cluster_env() -> bool:
   return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (size is not None and int(size) > 1)
 
 
-def initialize(coordinator, num_processes, process_id, *, timeout: int) -> None:
-  """Joins the job; start-up and failure detection are bounded by ``timeout`` seconds.
+def initialize(coordinator, num_processes, process_id, *, startup_timeout: int, heartbeat_timeout: int) -> None:
+  """Joins the job; start-up and failure detection are bounded.
 
-  ``initialization_timeout``: how long to wait for every process to connect. ``heartbeat_timeout_seconds``: a
-  process that stops answering (killed, machine lost) is declared dead after this long, and the others stop.
+  ``startup_timeout``: how long to wait for every process to connect (and, at the end, to shut down).
+  ``heartbeat_timeout``: a process that stops answering (killed, machine lost) is declared dead after this long,
+  and the others stop.
   """
   import jax
 
   # CPU collectives across processes go through gloo over TCP (here: loopback).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   bounds = dict(
-    initialization_timeout=timeout, heartbeat_timeout_seconds=max(5, timeout // 3), shutdown_timeout_seconds=timeout
+    initialization_timeout=startup_timeout,
+    heartbeat_timeout_seconds=heartbeat_timeout,
+    shutdown_timeout_seconds=startup_timeout,
   )
   if coordinator is None:
     jax.distributed.initialize(**bounds)  # a cluster launcher: the environment names the job

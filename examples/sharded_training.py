@@ -177,11 +177,11 @@ def run(args, watchdog) -> dict:
   abstract_init = jax.eval_shape(model.init, jax.random.key(0), sample)
   shapes = {k: list(v.shape) for k, v in flat(nn.meta.unbox(abstract_init["params"]), "params/").items()}
   # The same program must run everywhere: compare configs and parameter shapes before any collective of the flow.
-  watchdog.stage("agreement")
+  watchdog.stage("agreement", timeout=3 * startup_timeout(args))
   _multihost.check_agreement(
     {"weight_config": repr(weights), "activation_config": repr(ACTIVATIONS), "param_shapes": shapes,
      "jqat": jqat.__version__, "mesh": dict(mesh.shape)},
-    args.timeout,
+    startup_timeout(args),
   )
 
   if args.fault in ("die", "hang") and me == args.fault_process:
@@ -387,6 +387,11 @@ def run(args, watchdog) -> dict:
   return result
 
 
+def startup_timeout(args) -> int:
+  """Start-up waits for the slowest process to import and connect: at least a minute, whatever --timeout says."""
+  return max(60, args.timeout)
+
+
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--num-processes", type=int, help="start this many local processes (1 x 127.0.0.1)")
@@ -456,7 +461,11 @@ def main(argv=None):
   distributed = args.process_id is not None or args.cluster or _multihost.cluster_env()
   try:
     if distributed:
-      _multihost.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.timeout)
+      watchdog.stage("start-up", timeout=3 * startup_timeout(args))
+      _multihost.initialize(
+        args.coordinator, args.num_processes, args.process_id,
+        startup_timeout=startup_timeout(args), heartbeat_timeout=max(5, args.timeout // 3),
+      )
     if args.checkpoint_dir is None:
       if jax.process_count() > 1:
         raise ValueError("--checkpoint-dir is required with several processes: a directory all of them can reach")
