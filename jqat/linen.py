@@ -13,6 +13,7 @@ from jqat._src.flax.linen import convert as convert
 from jqat._src.flax.linen import freeze as freeze
 from jqat._src.flax.linen_layers import QatEinsum as QatEinsum
 from jqat._src.flax.linen_layers import QatEmbed as QatEmbed
+from jqat._src.flax.linen_ptq import ptq as ptq
 from jqat._src.flax.linen_quantize import quantize_model as quantize_model
 from jqat._src.flax.linen_quantize import report as report
 from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
@@ -31,6 +32,7 @@ __all__ = (
   "calibrate",
   "convert",
   "freeze",
+  "ptq",
   "quantize_model",
   "report",
   "serving_partition_specs",

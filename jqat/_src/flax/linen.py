@@ -64,6 +64,8 @@ KEEPS_FLOAT = "keeps_float"
 # gemma's "w"); ``convert`` drops that parameter. Shape: the parameter's + (0,).
 REPLACED = "replaced"
 CALIB = "quant_calib"
+# ``serving/<dot>/input_scale``: per-input-channel divisor ``s`` (K,) of AWQ / SmoothQuant, applied before the dot.
+INPUT_SCALE = "input_scale"
 _BITS = tuple(QuantBits)
 
 
@@ -342,6 +344,16 @@ class QatDotGeneral(_QuantOperands, nn.Module):
   def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type, out_sharding):
     where = _where(self)
     wq, lhs_qp = self._served_weight(rhs_cfg, rhs_shape, lhs_cfg, where)
+    s = self.get_variable(SERVE, INPUT_SCALE, None)
+    if s is not None:
+      # AWQ / SmoothQuant (jqat.linen.ptq): the kernel holds diag(s) W, so the input is divided by s; one
+      # elementwise op that XLA fuses into the activation's quantization (or the weight-only dot's operand).
+      if jnp.shape(s) != (lhs.shape[-1],):
+        raise ValueError(
+          f"{where}: the serving input_scale has shape {jnp.shape(s)}, but the input has shape {lhs.shape} "
+          f"(needs ({lhs.shape[-1]},))."
+        )
+      lhs = lhs / jnp.asarray(s).astype(lhs.dtype)
     return common.serve_dot_general(
       lhs,
       wq,
