@@ -75,6 +75,14 @@ def test_bad_concrete_scale_raises(fn, scale):
     getattr(jqat, fn)(jnp.ones(3), _qp(scale), CFG)
 
 
+def test_bad_scale_under_jit_is_visibly_nan():
+  x = jnp.array([0.5, -1.0, 2.0])
+  for s in (0.0, -0.1):
+    y = jax.jit(lambda x, s: jqat.fake_quant(x, _qp(s), CFG))(x, s)
+    d = jax.jit(lambda x, s: jqat.dequantize(jqat.quantize(x, _qp(s), CFG)))(x, s)
+    assert np.isnan(y).all() and np.isnan(d).all()  # a zero scale gave 0 and a negative one saturated
+
+
 @pytest.mark.parametrize("fn", ["fake_quant", "quantize"])
 def test_qparams_for_another_axis_raise_naming_both_shapes(fn):
   cfg = jqat.QatConfig(per_channel=True)  # axis -1 of (4, 8): scales of shape (1, 8)

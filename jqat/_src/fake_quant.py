@@ -165,7 +165,8 @@ def fake_quant(
       a config that is not a ``QatConfig``.
     ValueError: for parameters that do not fit ``params_shape`` (both shapes
       are named), a concrete scale that is not positive and finite (STE), or
-      a nonzero zero point under a symmetric config.
+      a nonzero zero point under a symmetric config. Under ``jit`` a scale
+      that is not positive gives NaN (STE) instead.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -194,5 +195,5 @@ def fake_quant(
       grad_scale = lsq_grad_scale(x.size, int(jnp.size(qparams.scale)), config)
     yg = _fake_quant_lsq(config, xg, scale, zero_point, float(grad_scale))
   else:
-    yg = _fake_quant_ste(config, xg, scale, zero_point)
+    yg = _fake_quant_ste(config, xg, qparams_lib.visible_scale(scale), zero_point)
   return qparams_lib.from_groups(yg, x.shape, config)

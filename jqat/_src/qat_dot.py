@@ -285,4 +285,5 @@ def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: s
   where = f"qat_dot_general ({name})"
   qparams_lib.check_qparams(qp, shape, config, where)
   expected = qparams_lib.params_shape(shape, config)
-  return qparams_lib.to_params_shape(qp.scale, expected), qparams_lib.to_params_shape(qp.zero_point, expected)
+  scale = qparams_lib.visible_scale(qparams_lib.to_params_shape(qp.scale, expected))
+  return scale, qparams_lib.to_params_shape(qp.zero_point, expected)

@@ -413,3 +413,11 @@ def to_params_shape(p, expected) -> jax.Array:
   if math.prod(p.shape) == 1:
     return jnp.broadcast_to(p.reshape(()), expected)
   return p.reshape(expected)
+
+
+def visible_scale(scale) -> jax.Array:
+  """``scale`` with NaN wherever it is not positive: under a trace a zero or negative scale cannot be refused,
+  so it makes the result visibly NaN instead of a plausible number (0 for a zero scale, saturation for a
+  negative one)."""
+  scale = jnp.asarray(scale)
+  return jnp.where(scale > 0, scale, jnp.asarray(jnp.nan, scale.dtype))

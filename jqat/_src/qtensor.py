@@ -410,7 +410,8 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
       a config that is not a ``QatConfig``.
     ValueError: for parameters that do not fit ``params_shape`` (both shapes
       named), a concrete scale that is not positive and finite, or a nonzero
-      zero point under a symmetric config.
+      zero point under a symmetric config. Under ``jit`` a scale that is not
+      positive is stored as NaN instead, so everything computed from it is NaN.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
@@ -428,7 +429,7 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
   qparams_lib.check_qparams(qparams, x.shape, config, "quantize")
   cd = formats.compute_dtype(x.dtype)
   full = qparams_lib.params_shape(x.shape, config)
-  scale_b = qparams_lib.to_params_shape(qparams.scale, full)
+  scale_b = qparams_lib.visible_scale(qparams_lib.to_params_shape(qparams.scale, full))
   zp_b = qparams_lib.to_params_shape(numerics.effective_zero_point(qparams.zero_point, config, scale_b.dtype), full)
   xg = qparams_lib.to_groups(x, config)
   s = qparams_lib.params_to_groups(scale_b, x.ndim, config)
