@@ -24,12 +24,14 @@ the serving variables (int8 values, scales, weight sums) against float32.
 ``--nan-check``: instead, ``w8a8 dyn`` and ``w8a8 frozen`` as they are against
 the same functions traced with ``quantize``'s NaN / Inf check
 (``qtensor._nonfinite_scale``) replaced by a no-op, alternating over
-``--rounds`` rounds (best median of each), to measure what the check costs.
+``--rounds`` rounds (best median wall time, and median process CPU time, the
+figure to read on a loaded machine), to measure what the check costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import jax
@@ -108,6 +110,16 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
   )
 
 
+def cpu_ms(f, *args, reps: int) -> float:
+  """Process CPU time (user + system) per call, less sensitive than wall time to other load."""
+  jax.block_until_ready(f(*args))
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(reps):
+    jax.block_until_ready(f(*args))
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  return (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / reps * 1e3
+
+
 def nan_check_cost(m: int, k: int, n: int, reps: int, rounds: int) -> None:
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, (m, k), jnp.float32)
@@ -135,13 +147,18 @@ def nan_check_cost(m: int, k: int, n: int, reps: int, rounds: int) -> None:
     finally:
       qtensor._nonfinite_scale = saved
     times = {"checked": [], "unchecked": []}
-    for _ in range(rounds):
-      times["unchecked"].append(median_ms(unchecked, *args, reps=reps))
-      times["checked"].append(median_ms(checked, *args, reps=reps))
+    cpu = {"checked": [], "unchecked": []}
+    fns = {"checked": checked, "unchecked": unchecked}
+    for i in range(rounds):
+      for key in ("unchecked", "checked") if i % 2 == 0 else ("checked", "unchecked"):
+        times[key].append(median_ms(fns[key], *args, reps=reps))
+        cpu[key].append(cpu_ms(fns[key], *args, reps=reps))
     best = {key: min(t) for key, t in times.items()}
+    cpu_med = {key: float(np.median(t)) for key, t in cpu.items()}
     print(
-      f"  {name:<12} without check {best['unchecked']:8.3f} ms, with {best['checked']:8.3f} ms: "
-      f"{best['checked'] / best['unchecked']:.3f}x"
+      f"  {name:<12} wall without / with {best['unchecked']:7.3f} / {best['checked']:7.3f} ms "
+      f"{best['checked'] / best['unchecked']:.3f}x; CPU {cpu_med['unchecked']:7.3f} / {cpu_med['checked']:7.3f} ms "
+      f"{cpu_med['checked'] / cpu_med['unchecked']:.3f}x"
     )
 
 

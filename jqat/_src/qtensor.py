@@ -452,8 +452,9 @@ def _nonfinite_scale(scale: jax.Array, xg: jax.Array, shape, config: QatConfig) 
 
   One reduction over the data ``quantize`` reads anyway; XLA fuses it with the quantization.
   """
-  bad = jnp.any(~jnp.isfinite(xg), axis=qparams_lib.reduce_axes(shape, config), keepdims=True)
-  return jnp.where(bad.reshape(scale.shape), jnp.nan, scale).astype(scale.dtype)
+  # Σ x · 0 is NaN exactly where a block holds NaN or ±Inf, else 0: one float sum, as qat_dot_general's mark.
+  mark = jnp.sum(xg.astype(scale.dtype) * 0, axis=qparams_lib.reduce_axes(shape, config), keepdims=True)
+  return scale + mark.reshape(scale.shape)
 
 
 def _pack(values: jax.Array) -> jax.Array:
