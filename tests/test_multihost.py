@@ -78,7 +78,7 @@ def test_two_processes_agree_with_one(tmp_path):
   assert (out["processes"], out["devices"], out["mesh"]) == (2, 4, {"data": 2, "model": 2})
   assert out["calib_bit_identical"] and out["served_bit_identical"] and out["checkpoint_bit_identical"], out
   assert out["calib_equals_one_pass"] and out["checkpoint_equals_saved"], out
-  assert 0 <= out["qat_max_param_diff"] <= out["qat_tolerance"] == 1e-5, out
+  assert 0 <= out["qat_max_param_diff"] <= out["qat_tolerance"] == 1e-4 and out["qat_max_loss_diff"] <= 1e-4, out
   # 12 Adam steps on digits: far above chance (0.1); integer serving close to the QAT model.
   assert out["qat_accuracy"] > 0.6 and out["calibrated_accuracy"] > 0.6, out
   assert abs(out["served_accuracy"] - out["calibrated_accuracy"]) <= 0.05, out
