@@ -300,3 +300,15 @@ def test_calibrate_model_per_channel_and_kl_alias():
   np.testing.assert_array_equal(specs["w"].scale, x.max(axis=0, keepdims=True) * np.float32(1 / 127))
   kl = jqat.calibrate_model({"a": [x]}, method="kl", config=jqat.QatConfig(), num_bins=NUM_BINS)
   assert kl["a"].method is jqat.CalibMethod.ENTROPY
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+@pytest.mark.parametrize("value", [3.0, -3.0])
+def test_constant_data_under_an_asymmetric_config(method, value):
+  # The histogram threshold is a bin edge at or just below |value|: the observed range [value, value] is clipped
+  # to it at both ends, so the range stays ordered and, widened to include 0, spans [0, ~3] or [~-3, 0].
+  cfg = jqat.QatConfig(symmetric=False)
+  s = _update(_init((16,), cfg, method), jnp.full(16, value))
+  qp = _finalize(s, cfg, method)
+  np.testing.assert_allclose(float(qp.scale), 3.0 / 255, rtol=1 / 2048)  # within one bin of 2048
+  assert float(qp.zero_point) == (-128.0 if value > 0 else 127.0)

@@ -272,7 +272,9 @@ def finalize_stats(
     if config.symmetric:
       return qp_lib.qparams_from_range(-amax, amax, config)
     lo, hi = range_stats.observed_range(state.min, state.max)
-    return qp_lib.qparams_from_range(jnp.maximum(-amax, lo), jnp.minimum(amax, hi), config)
+    # Both ends are clipped to [-amax, amax]: clipping is monotone, so the range stays ordered even when the
+    # threshold (a bin edge) falls below the data's minimum, as it does for constant positive data.
+    return qp_lib.qparams_from_range(jnp.clip(lo, -amax, amax), jnp.clip(hi, -amax, amax), config)
 
   allowed = (CalibMethod.MINMAX,) if isinstance(state, RangeState) else (CalibMethod.MINMAX, CalibMethod.MOVING_AVERAGE)
   if method not in allowed:
