@@ -192,4 +192,4 @@ def test_nan_in_the_input_shows_in_the_output_rows_it_touches():
   forward = nnx.jit(lambda m, v: m(v))
   np.testing.assert_array_equal(np.isfinite(forward(model, xn)).all(axis=1), want)  # QAT: as float
   jqat.nnx.convert(model)
-  assert not np.isfinite(forward(model, xn)[3]).any()  # serving: never a plausible finite row
+  np.testing.assert_array_equal(np.isfinite(forward(model, xn)).all(axis=1), want)  # serving: the same rows

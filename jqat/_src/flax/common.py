@@ -526,11 +526,17 @@ def serve_dot_general(
     w = dequantize(wq).astype(lhs.dtype)
     return lax.dot_general(lhs, w, dimension_numbers, preferred_element_type=preferred_element_type)
   if lhs_qp is None:
-    lhs_qp = qparams_lib.qparams_from_array(lhs, lhs_config)
-  xq = quantize(lhs, lhs_qp, lhs_config)
+    lhs_qp = qparams_lib.qparams_from_array(lhs, lhs_config)  # NaN and Inf are left out of the range
+  # A NaN or Inf has no integer value, and ``quantize`` would poison the scale of its whole block (with a
+  # per-tensor range: every row). Serving quantizes the finite part instead and marks, as the QAT dot does,
+  # exactly the output rows whose inputs were non-finite: ``Σ x · 0`` is NaN there and 0 elsewhere.
+  finite = jnp.where(jnp.isfinite(lhs), lhs, jnp.zeros_like(lhs))
+  xq = quantize(finite, lhs_qp, lhs_config)
   if rhs_sums is not None:  # the stored column sums travel with the kernel they were computed from
     wq = wq.replace(sums=rhs_sums, sums_axes=tuple(rc))
-  return int_ops.int_dot_general(xq, wq, dimension_numbers, out_dtype=out_dtype)
+  y = int_ops.int_dot_general(xq, wq, dimension_numbers, out_dtype=jnp.float32)
+  mark = int_kernels.nonfinite_out(lhs, jax.ShapeDtypeStruct(wq.shape, jnp.float32), dimension_numbers, check_rhs=False)
+  return (y + mark).astype(out_dtype)
 
 
 def serve_conv(
