@@ -160,6 +160,38 @@ def _gather_rows(entry, config: QatConfig, ids, num_rows: int, dtype):
   return ((q.astype(cd) - zp) * scale).astype(dtype)
 
 
+def quantized_lookup(scope, name: str, table, ids, config: QatConfig, gather):
+  """Rows ``ids`` of ``table`` (a parameter of ``scope`` named ``name``), one int table per row, as ``QatEmbed``.
+
+  ``gather(t)`` looks the rows up in ``t`` as the model's own code does
+  (``t[ids]``, ``jnp.take``). QAT fake-quantizes the rows (straight-through
+  gradient to the table); ``convert`` stores the table in
+  ``serving/<name>_quant/rhs``, where a tied ``x @ table.T`` through a
+  ``QatDotGeneral`` named ``<name>_quant`` finds it too, and marks the float
+  table replaced; serving gathers and dequantizes the stored rows.
+  """
+  sub = scope.push(f"{name}_quant", reuse=True)
+  converting = scope.is_mutable_collection(SERVE) and not scope.get_flag("initializing", False)
+  if not converting and sub.has_variable(SERVE, "rhs"):
+    return _gather_rows(sub.get_variable(SERVE, "rhs"), config, ids, table.shape[0], table.dtype)
+  if scope.is_mutable_collection(CALIB):
+    return gather(table)
+  if converting:
+    mark_replaced(scope, name, table.shape, table.dtype)
+    if not sub.has_variable(SERVE, "rhs"):
+      qp = qparams_lib.qparams_from_array(jax.lax.stop_gradient(table), config)
+      sub.put_variable(SERVE, "rhs", common.serving_weight(quantize(table, qp, config), (1,), None))
+  if config.per_channel and config.group_size is None:
+    # A row's scale depends on that row alone: quantize only the rows looked up.
+    rows = gather(table)
+    flat = jnp.reshape(rows, (-1, table.shape[-1]))  # one row per looked-up id, a scalar id included
+    row_cfg = config.replace(channel_axis=(0,))
+    flat = fake_quant(flat, qparams_lib.qparams_from_array(jax.lax.stop_gradient(flat), row_cfg), row_cfg)
+    return jnp.reshape(flat, rows.shape)
+  qp = qparams_lib.qparams_from_array(jax.lax.stop_gradient(table), config)
+  return gather(fake_quant(table, qp, config))
+
+
 class QatEmbed(nn.Embed):
   """``flax.linen.Embed`` with a quantized table for the lookup and for ``attend`` (tied logits).
 

@@ -16,10 +16,26 @@ of the model and, for each op a rule matches:
   parameters (by identity with the value its ``self.param`` returned, so a
   parameter cast to another dtype first is not recognised), in either operand
   position, runs that contraction through ``QatDotGeneral`` with the
-  parameter as the weight. These four functions are routed only while a
-  quantized model runs, and only for the thread running it: the routing
-  looks at a thread-local stack of the module calls in progress, so other
-  threads and other models see the plain functions.
+  parameter as the weight. ``x @ w`` counts as ``jnp.matmul``, and a
+  transpose of a 2-D parameter made in the same call (``w.T``,
+  ``jnp.transpose``, ``jnp.swapaxes``) as the parameter itself, contracted
+  with the transposed dimension numbers.
+* An integer gather of a module's own 2-D parameter (``table[ids]``,
+  ``table[(ids,)]``, ``jnp.take(table, ids, axis=0)``) is an ``"embed"``
+  op: the rows, quantized per row, as ``QatEmbed`` looks them up. A table
+  that was looked up and is then contracted over its feature axis
+  (``jnp.dot(x, table.T)``, gemma's tied logits) is an ``"attend"`` op:
+  the same per-row table serves both, and ``convert`` stores it once
+  (``serving/<module>/<param>_quant/rhs``) and drops the float one. The
+  lookup has to run first in the model's call (or in an earlier call of the
+  same quantized model, e.g. ``init``) for the contraction to be known as
+  tied; before that it is a ``"dot"``.
+
+  These functions (and the array methods ``.T``, ``@`` and ``[]``, through
+  the functions jax's array methods call) are routed only while a quantized
+  model runs, and only for the thread running it: the routing looks at a
+  thread-local stack of the module calls in progress, so other threads and
+  other models see the plain functions.
 
 Transforms: a model written elsewhere lists only ``params`` in ``nn.scan``'s
 ``variable_axes``; while a quantized model runs, flax's split of those axes
@@ -47,10 +63,14 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import lift, meta
 from flax.core import scope as core_scope
 from flax.linen import transforms as linen_transforms
+from jax._src.numpy import indexing as jnp_indexing
+from jax._src.numpy import lax_numpy as jnp_lax_numpy
+from jax._src.numpy import tensor_contractions as jnp_contractions
 
 from jqat._src import report as report_lib
 from jqat._src import rules as rules_lib
@@ -64,6 +84,7 @@ from jqat._src.flax.linen_layers import (
   QatEmbed,
   einsum_dot,
   mark_replaced,
+  quantized_lookup,
   stock_fields,
 )
 from jqat._src.rules import Rule
@@ -94,6 +115,7 @@ class _Registry:
     self.token = f"__jqat_quantized_{next(self._tokens)}"
     self.matched: set[int] = set()
     self.paths: set[str] = set()
+    self.tables: set[tuple] = set()  # parameters looked up by an integer gather (embedding tables)
 
   def __eq__(self, other):
     return isinstance(other, _Registry)
@@ -127,12 +149,15 @@ class _Run:
 class _Frame:
   """A module method call in progress; ``run`` is None for calls whose contractions are never routed."""
 
-  __slots__ = ("module", "run", "uses")
+  __slots__ = ("module", "run", "uses", "views")
 
   def __init__(self, module, run):
     self.module = module
     self.run = run
     self.uses: dict[str, int] = {}
+    # id(value) -> (parameter name, perm, value): transposes of a 2-D parameter made in this call; the value
+    # is kept so that its id is not reused while the call runs.
+    self.views: dict[int, tuple[str, tuple, Any]] = {}
 
 
 class _Local(threading.local):
@@ -168,14 +193,44 @@ def _own_params(module) -> dict[int, tuple[str, Any]]:
   return out
 
 
-def _weight_operand(frame: _Frame, a, b):
-  """``(name, weight_first)`` when ``a`` or ``b`` is one of the frame's module's own parameters."""
-  own = _own_params(frame.module)
-  if id(b) in own and own[id(b)][1] is b:
-    return own[id(b)][0], False
-  if id(a) in own and own[id(a)][1] is a:
-    return own[id(a)][0], True
+def _param_of(frame: _Frame, own, v):
+  """``(name, perm)`` when ``v`` is the module's own parameter (perm None) or a transpose of one made here."""
+  e = own.get(id(v))
+  if e is not None and e[1] is v:
+    return e[0], None
+  e = frame.views.get(id(v))
+  if e is not None and e[2] is v:
+    return e[0], e[1]
   return None
+
+
+def _weight_operand(frame: _Frame, a, b):
+  """``(name, weight_first, perm)`` when ``a`` or ``b`` is one of the module's own parameters or its transpose.
+
+  ``perm``: the operand is ``jnp.transpose(parameter, perm)``; None for the parameter itself.
+  """
+  own = _own_params(frame.module)
+  found = _param_of(frame, own, b)
+  if found is not None:
+    return found[0], False, found[1]
+  found = _param_of(frame, own, a)
+  if found is not None:
+    return found[0], True, found[1]
+  return None
+
+
+def _untransposed_equation(equation: str, weight_first: bool, perm: tuple) -> str | None:
+  """``equation`` with the weight operand ``transpose(P, perm)`` replaced by ``P`` itself; None with ``...``."""
+  ins, out = equation.replace(" ", "").split("->")
+  a, b = ins.split(",")
+  w = a if weight_first else b
+  if "." in w or len(w) != len(perm):
+    return None
+  p = [""] * len(w)
+  for i, c in enumerate(w):
+    p[perm[i]] = c
+  w = "".join(p)
+  return f"{w},{b}->{out}" if weight_first else f"{a},{w}->{out}"
 
 
 def _letters(n, start=0):
@@ -209,26 +264,48 @@ def _routed_contraction(frame: _Frame, kind: str, a, b, *, equation=None, dimens
   found = _weight_operand(frame, a, b)
   if found is None:
     return None
-  pname, weight_first = found
-  x, w = (b, a) if weight_first else (a, b)
+  pname, weight_first, perm = found
+  x = b if weight_first else a
   module, run = frame.module, frame.run
+  w = a if weight_first else b
+  if perm is not None:
+    # A transpose of the parameter: contract the parameter itself, with the transposed dimension numbers.
+    w = meta.unbox(module.get_variable("params", pname))
+    if dimension_numbers is not None:
+      (lc, rc), (lb, rb) = dimension_numbers
+      if weight_first:
+        lc, lb = tuple(perm[i] for i in lc), tuple(perm[i] for i in lb)
+      else:
+        rc, rb = tuple(perm[i] for i in rc), tuple(perm[i] for i in rb)
+      dimension_numbers = ((lc, rc), (lb, rb))
+    else:
+      equation = _untransposed_equation(equation, weight_first, perm)
+      if equation is None:
+        return None
   path = _path(module)
-  op = "einsum" if kind == "einsum" else "dot"
-  i = run.rule(path, op)
-  rule = None if i is None else run.rules[i]
-  quantized = rule is not None and not rule.is_float
-  wcfg = rule.weight if quantized else None
-  acfg = rule.activation if quantized else None
+  param = (*module.scope.path, pname)
   if dimension_numbers is not None:
     (lc, rc), (lb, rb) = dimension_numbers
     dims = dimension_numbers if not weight_first else ((rc, lc), (rb, lb))
   else:
     dims = parse_einsum(equation, jnp.ndim(x), jnp.ndim(w), weight_first=weight_first).dimension_numbers
+  # A looked-up table contracted over its features (``x @ table.T``) gives tied logits: one table, per row.
+  tied = jnp.ndim(w) == 2 and tuple(dims[0][1]) == (1,) and not dims[1][1] and param in _tables(run)
+  op = "attend" if tied else ("einsum" if kind == "einsum" else "dot")
+  i = run.rule(path, op)
+  rule = None if i is None else run.rules[i]
+  quantized = rule is not None and not rule.is_float
+  wcfg = rule.weight if quantized else None
+  acfg = rule.activation if quantized else None
+  if tied:
+    _check_tied(run, path, wcfg)
   wcfg_axes = common.operand_config(wcfg, jnp.ndim(w), dims[0][1], dims[1][1]) if wcfg is not None else None
-  n = frame.uses.get(pname, 0)
-  frame.uses[pname] = n + 1
-  name = f"{pname}_quant" + (f"_{n}" if n else "")
-  param = (*module.scope.path, pname)
+  if tied:
+    name = f"{pname}_quant"  # the lookup's name: both serve from one table
+  else:
+    n = frame.uses.get(pname, 0)
+    frame.uses[pname] = n + 1
+    name = f"{pname}_quant" + (f"_{n}" if n else "")
   run.record(OpRecord(path, op, tuple(jnp.shape(x)), tuple(jnp.shape(w)), i, wcfg_axes, acfg, param, name))
   if not quantized:
     return None
@@ -245,6 +322,104 @@ def _routed_contraction(frame: _Frame, kind: str, a, b, *, equation=None, dimens
     perm = tuple(range(nb)) + tuple(range(nb + nx, y.ndim)) + tuple(range(nb, nb + nx))
     y = jnp.transpose(y, perm)
   return y
+
+
+def _tables(run: _Run) -> set:
+  return run.registry.tables
+
+
+def _check_tied(run: _Run, path: str, w_attend):
+  _, w_embed, _ = _rule_configs(run, path, "embed")
+  if w_attend != w_embed:
+    raise ValueError(
+      f"the tied embedding at {path!r} has one table for the lookup and attend, but the rules give it two "
+      f"weight formats: {report_lib.describe(w_embed)} for 'embed' and {report_lib.describe(w_attend)} for "
+      "'attend'. Give both ops the same weight config (e.g. jqat.Rule(pattern, ops=('embed', 'attend'), ...))."
+    )
+
+
+def _routed_lookup(frame: _Frame, pname: str, table, ids, gather):
+  """An integer gather of the module's own 2-D parameter as a quantized lookup; None to call the original."""
+  module, run = frame.module, frame.run
+  path = _path(module)
+  param = (*module.scope.path, pname)
+  run.registry.tables.add(param)
+  i, w, _ = _rule_configs(run, path, "embed")
+  cfg = common.operand_config(w, 2, (1,), ()) if w is not None else None
+  shapes = tuple(jnp.shape(ids)), tuple(jnp.shape(table))
+  run.record(OpRecord(path, "embed", *shapes, i, cfg, None, param, f"{pname}_quant"))
+  if cfg is None:
+    return None
+  # Run without routing: the lookup's own gathers are not the model's.
+  lookup = functools.partial(quantized_lookup, module.scope, pname, table, ids, cfg, gather)
+  return _call_in_frame(_Frame(module, None), lookup, (), {})
+
+
+def _integer_ids(v) -> bool:
+  return isinstance(v, jax.Array | np.ndarray) and jnp.issubdtype(v.dtype, jnp.integer)
+
+
+def _current_frame() -> _Frame | None:
+  frames = _local.frames
+  frame = frames[-1] if frames else None
+  return None if frame is None or frame.run is None else frame
+
+
+def _make_gather_route(kind: str, original):
+  # ``table[ids]`` / ``table[(ids,)]`` (jax's __getitem__ calls indexing.rewriting_take) and
+  # ``jnp.take(table, ids, axis=0)`` of a module's own 2-D parameter: an embedding lookup.
+  @functools.wraps(original)
+  def routed(*args, **kwargs):
+    frame = _current_frame()
+    if frame is None or len(args) < 2:
+      return original(*args, **kwargs)
+    table, ids = args[0], args[1]
+    if kind == "getitem":
+      if len(args) != 2 or kwargs:
+        return original(*args, **kwargs)
+      if isinstance(ids, tuple) and len(ids) == 1:
+        ids = ids[0]
+    else:
+      axis = args[2] if len(args) > 2 else kwargs.get("axis")
+      if axis != 0 or len(args) > 3 or set(kwargs) - {"axis"}:
+        return original(*args, **kwargs)
+    if not (_integer_ids(ids) and jnp.ndim(table) == 2):
+      return original(*args, **kwargs)
+    found = _param_of(frame, _own_params(frame.module), table)
+    if found is None or found[1] is not None:
+      return original(*args, **kwargs)
+    y = _routed_lookup(frame, found[0], table, ids, lambda t: original(t, *args[1:], **kwargs))
+    return original(*args, **kwargs) if y is None else y
+
+  return routed
+
+
+def _make_transpose_route(kind: str, original):
+  # ``w.T``, ``w.transpose()``, ``jnp.transpose(w)``, ``jnp.swapaxes(w, 0, 1)`` of a module's own 2-D parameter:
+  # the output is remembered as that parameter, transposed, so a contraction with it still finds the weight.
+  @functools.wraps(original)
+  def routed(*args, **kwargs):
+    y = original(*args, **kwargs)
+    frame = _current_frame()
+    if frame is None or not args or jnp.ndim(args[0]) != 2 or jnp.ndim(y) != 2:
+      return y
+    found = _param_of(frame, _own_params(frame.module), args[0])
+    if found is None:
+      return y
+    pname, perm0 = found
+    if kind == "transpose":
+      axes = args[1] if len(args) > 1 else kwargs.get("axes")
+      perm = (1, 0) if axes is None else tuple(int(i) % 2 for i in axes)
+    else:
+      a1 = args[1] if len(args) > 1 else kwargs.get("axis1")
+      a2 = args[2] if len(args) > 2 else kwargs.get("axis2")
+      perm = (0, 1) if int(a1) % 2 == int(a2) % 2 else (1, 0)
+    if perm0 is not None:
+      perm = tuple(perm0[i] for i in perm)
+    frame.views[id(y)] = (pname, perm, y)
+    return y
+
+  return routed
 
 
 def _make_route(kind: str, original):
@@ -277,6 +452,14 @@ _ROUTED = (
   (jnp, "dot", "dot"),
   (jnp, "matmul", "matmul"),
   (jax.lax, "dot_general", "dot_general"),
+  # ``x @ w``: jax's array operators call tensor_contractions.matmul, not jnp.matmul.
+  (jnp_contractions, "matmul", "matmul"),
+  (jnp, "transpose", "transpose"),
+  (jnp_lax_numpy, "transpose", "transpose"),  # ``.T`` and ``.transpose()``
+  (jnp, "swapaxes", "swapaxes"),
+  (jnp_lax_numpy, "swapaxes", "swapaxes"),  # ``.swapaxes()``
+  (jnp, "take", "take"),
+  (jnp_indexing, "rewriting_take", "getitem"),  # ``table[ids]``
   (lift, "_split_in_out_axes", "axes"),
   (linen_transforms, "_module_fingerprint", "fingerprint"),
 )
@@ -355,7 +538,14 @@ def _make_axes_route(original):
   return routed
 
 
-_ROUTE_MAKERS = {"axes": _make_axes_route, "fingerprint": _make_fingerprint_route}
+_ROUTE_MAKERS = {
+  "axes": _make_axes_route,
+  "fingerprint": _make_fingerprint_route,
+  "transpose": functools.partial(_make_transpose_route, "transpose"),
+  "swapaxes": functools.partial(_make_transpose_route, "swapaxes"),
+  "take": functools.partial(_make_gather_route, "take"),
+  "getitem": functools.partial(_make_gather_route, "getitem"),
+}
 
 
 # --- the interceptor ---------------------------------------------------------------
