@@ -56,6 +56,8 @@ def run_group(commands, env, *, timeout: float, grace: float, label: str = "proc
   on the way out, whatever happens (``try / finally``).
   """
   procs = []
+  # A launcher told to stop (SIGTERM) still runs the ``finally`` below, so its processes go with it.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   try:
     for cmd in commands:
       procs.append(subprocess.Popen(cmd, env=env))

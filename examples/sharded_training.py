@@ -238,6 +238,9 @@ def run(args, watchdog) -> dict:
     # Every process draws the same global row numbers; each then reads only the rows it holds.
     xb, yb = global_batch(data, rng.integers(0, 1536, args.batch), batch)
     params, stats, opt_state, loss = train_step(params, stats, opt_state, xb, yb)
+    # One step in flight at a time: with several processes on CPU (gloo), steps queued ahead have been seen to
+    # deadlock with 4 processes x 2 devices.
+    jax.block_until_ready(params)
     losses.append(loss)
     if step % 50 == 0 or step == args.steps - 1:
       lead(f"step {step:4d}  QAT loss {scalar(loss):.4f}")
