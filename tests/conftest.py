@@ -151,3 +151,24 @@ def ref():
     int_values=ref_int_values,
     near_ties=ref_near_ties,
   )
+
+
+# Whole examples and multi-process / eight-device subprocess runs: tens of seconds each. They are marked slow,
+# so the README's test command (``-m "not slow"``) stays within a few minutes on two cores; .ci/run runs them
+# too, as a second step.
+SLOW_FILES = {
+  "test_example_char_lm.py",
+  "test_example_digits.py",
+  "test_example_ptq_lm.py",
+  "test_example_quantize_any_model.py",
+  "test_multihost.py",
+  "test_nnx_sharding.py",
+}
+SLOW_FIXTURES = {"sharded"}  # tests/test_sharding.py's eight-device subprocess
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
