@@ -1,4 +1,4 @@
-"""jqat for Flax NNX: quantization-aware layers, modes, calibration, conversion and quantize_model."""
+"""jqat for Flax NNX: quantization-aware layers, modes, calibration, conversion, PTQ and quantize_model."""
 
 from jqat._src.flax.attention import AttentionQuantConfig as AttentionQuantConfig
 from jqat._src.flax.nnx import KernelShape as KernelShape
@@ -18,6 +18,7 @@ from jqat._src.flax.nnx_attention import quantized_attention as quantized_attent
 from jqat._src.flax.nnx_layers import QatEinsum as QatEinsum
 from jqat._src.flax.nnx_layers import QatEinsumOp as QatEinsumOp
 from jqat._src.flax.nnx_layers import QatEmbed as QatEmbed
+from jqat._src.flax.nnx_ptq import ptq as ptq
 from jqat._src.flax.nnx_quantize import quantize_model as quantize_model
 from jqat._src.flax.nnx_quantize import report as report
 
@@ -39,6 +40,7 @@ __all__ = (
   "calibrate",
   "convert",
   "freeze",
+  "ptq",
   "quantize_model",
   "report",
   "set_mode",

@@ -209,28 +209,34 @@ def test_rules_with_two_formats_for_one_table_raise():
 
 
 class Ops(nn.Module):
-  """A table looked up three ways, and a weight contracted by the ``@`` operator, plain and transposed."""
+  """A table looked up three ways; a weight contracted by ``@`` and through its transposes."""
 
   @nn.compact
   def __call__(self, ids):
     table = self.param("table", nn.initializers.normal(), (VOCAB, DIM))
     w = self.param("w", nn.initializers.normal(), (DIM, DIM))
     x = table[ids] + jnp.take(table, ids, axis=0) + table[(ids,)]
-    return (x @ w) @ w.T
+    h = x @ w
+    return h @ w.T + jnp.dot(h, jnp.swapaxes(w, 0, 1)) + jnp.einsum("btd,fd->btf", h, jnp.transpose(w))
 
 
-def test_matmul_operator_and_every_lookup_form_are_quantized():
+def test_matmul_operator_transposes_and_every_lookup_form_are_quantized():
   ids = _ids()
   rules = [jqat.Rule(".*", ops=("embed",), weight=INT8_W), jqat.Rule(".*", weight=INT8_W)]  # weight-only
   qm = qnn.quantize_model(Ops(), rules)
   v = _init(qm, ids)
   table, w = np.asarray(v["params"]["table"]), np.asarray(v["params"]["w"])
-  x = 3 * _np_rows(table)[np.asarray(ids)]
-  # x @ w: per output channel (w's columns); x @ w.T: per row of w, its output channel there.
-  ref = (x @ _np_rows(w.T).T) @ _np_rows(w).T
+  # Per output channel: w's columns for h @ w (and the einsum, whose f is w's axis 1), its rows for h @ w.T.
+  w_cols, w_rows = _np_rows(w.T).T, _np_rows(w)
+  h = (3 * _np_rows(table)[np.asarray(ids)]) @ w_cols
+  ref = 2 * (h @ w_rows.T) + h @ w_cols
   y = jax.jit(qm.apply)(v, ids)
-  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-8)
   assert _rel(y, Ops().apply(v, ids)) > 1e-3
+  ops = sorted((r.op, r.rhs_shape, r.weight) for r in qnn.report(qm, v, ids, print_table=False))
+  assert ops == [("dot", (DIM, DIM), "int8 sym per-channel")] * 3 + [("einsum", (DIM, DIM), "int8 sym per-channel")] + [
+    ("embed", (VOCAB, DIM), "int8 sym per-channel")
+  ]
 
 
 def test_routing_does_not_leak_to_float_models_in_this_or_another_thread():

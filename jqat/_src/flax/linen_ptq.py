@@ -81,21 +81,21 @@ def _config_key(c: QatConfig | None):
   return None if c is None else (c.bits, c.symmetric, c.narrow_range, c.per_channel, c.group_size)
 
 
-def _check_options(method: str, options: dict) -> dict:
+def _check_options(method: str, options: dict, where: str = _WHERE) -> dict:
   if not isinstance(method, str) or method not in METHODS:
-    raise ValueError(f"{_WHERE}: method={method!r} is invalid; allowed: {', '.join(map(repr, METHODS))}.")
+    raise ValueError(f"{where}: method={method!r} is invalid; allowed: {', '.join(map(repr, METHODS))}.")
   allowed = OPTIONS[method]
   bad = sorted(set(options) - set(allowed))
   if bad:
     names = ", ".join(allowed) or "none"
-    raise TypeError(f"{_WHERE}: method={method!r} takes no option {', '.join(bad)}; its options: {names}.")
+    raise TypeError(f"{where}: method={method!r} takes no option {', '.join(bad)}; its options: {names}.")
   out = {**allowed, **options}
   if method == "smoothquant":
     check_alpha(out["alpha"])
   if method == "awq":
     n = out["sample_rows"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ValueError(f"{_WHERE}: sample_rows={n!r} is invalid; allowed: a positive int.")
+      raise ValueError(f"{where}: sample_rows={n!r} is invalid; allowed: a positive int.")
   return out
 
 
@@ -261,13 +261,13 @@ def _quantize_layer(method: str, w: jax.Array, entry: dict, config: QatConfig, o
   return q.replace(dequant_dtype=jnp.dtype(w.dtype)), s
 
 
-def _activation_range(entry: dict, s, config: QatConfig):
+def _activation_range(entry: dict, s, config: QatConfig, where: str = _WHERE):
   lo, hi = entry["lo"], entry["hi"]
   if s is not None:
     lo, hi = lo / s, hi / s
   lo, hi = jnp.min(lo), jnp.max(hi)
   if not bool(jnp.isfinite(lo) & jnp.isfinite(hi)):
-    raise ValueError(f"{_WHERE}: the calibration batches hold no finite row for an activation.")
+    raise ValueError(f"{where}: the calibration batches hold no finite row for an activation.")
   return qparams_from_range(lo, hi, config)
 
 
