@@ -140,6 +140,28 @@ def _record(quantizer, op: str, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg, rhs_dtyp
     rows.append((quantizer, op, tuple(lhs_shape), tuple(rhs_shape), lhs_cfg, rhs_cfg, itemsize))
 
 
+_OBSERVE = threading.local()
+
+
+class observing:  # noqa: N801 (a context manager, used like a function)
+  """Inside, every ``QatDotGeneral`` call returns ``fn(quantizer, lhs, rhs, ...)`` instead of computing.
+
+  ``fn(quantizer, lhs, rhs, dimension_numbers, precision, preferred_element_type)``
+  sees each dot's operands (at trace time under ``jax.jit``): how ``jqat.nnx.ptq``
+  collects its statistics.
+  """
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __enter__(self):
+    self.previous = getattr(_OBSERVE, "fn", None)
+    _OBSERVE.fn = self.fn
+
+  def __exit__(self, *exc):
+    _OBSERVE.fn = self.previous
+
+
 class recording:  # noqa: N801 (a context manager, used like a function)
   """Collects ``(quantizer, op, lhs_shape, rhs_shape, lhs_cfg, rhs_cfg, rhs_itemsize)`` of every op called inside."""
 
@@ -385,6 +407,8 @@ class QatDotGeneral(_Quantizer):
     use_running_average: bool = False,
   ):
     super().__init__(lhs_config, rhs_config, mode, momentum, use_running_average)
+    # AWQ / SmoothQuant (jqat.nnx.ptq): a QuantServing divisor (K,) of the input; the served kernel holds diag(s) W.
+    self.input_scale = nnx.data(None)
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
     return self.dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, op="dot")
@@ -417,8 +441,21 @@ class QatDotGeneral(_Quantizer):
     rhs_dtype = getattr(rhs, "dtype", jnp.float32)
     _record(self, op, lhs_shape, rhs_shape, None if float_cfg else lhs_cfg, None if float_cfg else rhs_cfg, rhs_dtype)
     kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
+    observer = getattr(_OBSERVE, "fn", None)
+    if observer is not None:
+      return observer(self, lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if self.rhs_serving is not None and rhs_cfg is not None:
       wq = self._served_weight(rhs_cfg, rhs_shape)
+      s = getattr(self, "input_scale", None)
+      if s is not None:
+        # One elementwise division that XLA fuses into the activation's quantization (or the weight-only operand).
+        s = s.get_value()
+        if jnp.shape(s) != (lhs_shape[-1],) or tuple(a % len(lhs_shape) for a in lc) != (len(lhs_shape) - 1,):
+          raise ValueError(
+            f"{where}: the serving input_scale has shape {jnp.shape(s)}, but the input has shape {lhs_shape} "
+            f"contracted on axes {lc} (needs ({lhs_shape[-1]},) and the last axis)."
+          )
+        lhs = lhs / jnp.asarray(s).astype(jnp.result_type(lhs))
       return common.serve_dot_general(
         lhs,
         wq,
