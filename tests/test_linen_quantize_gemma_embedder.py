@@ -147,7 +147,7 @@ def test_same_tree_and_qat_forward_and_ste_grads_match_the_reference(dec):
   yf = Decoder().apply(vf, ids)
   assert _rel(y, yf) > 1e-3  # really quantized
   g = jax.jit(jax.grad(lambda p: loss(p, qat)))(v["params"])
-  g_ref = jax.grad(lambda p: loss(p, ref))(v["params"])
+  g_ref = jax.jit(jax.grad(lambda p: loss(p, ref)))(v["params"])
   np.testing.assert_allclose(g["embedder"]["input_embedding"], g_ref["embedder"]["input_embedding"], atol=1e-3)
   np.testing.assert_allclose(g["proj"]["w"], g_ref["proj"]["w"], rtol=1e-4, atol=1e-3)
   assert float(jnp.abs(g["embedder"]["input_embedding"]).sum()) > 0
@@ -249,15 +249,15 @@ def test_routing_does_not_leak_to_float_models_in_this_or_another_thread():
 
   class Spawner(nn.Module):
     @nn.compact
-    def __call__(self, ids):
-      t = threading.Thread(target=lambda: box.update(y=model.apply(vf, ids)))
+    def __call__(self, tokens):
+      t = threading.Thread(target=lambda: box.update(y=model.apply(vf, ids)))  # the concrete ids, eagerly
       t.start()
       t.join()
-      return Decoder(name="inner")(ids)
+      return Decoder(name="inner")(tokens)
 
   qm = qnn.quantize_model(Spawner())
-  qv = qm.init(jax.random.key(0), ids)
-  y_q = qm.apply(qv, ids)
+  qv = _init(qm, ids)
+  y_q = jax.jit(qm.apply)(qv, ids)  # traced (the thread runs the float model eagerly) while the routing is on
   np.testing.assert_array_equal(box["y"], y_float)  # another thread, while the quantized model ran
   np.testing.assert_array_equal(model.apply(vf, ids), y_float)  # this thread, after
   assert _rel(y_q, model.apply({"params": qv["params"]["inner"]}, ids)) > 1e-3
