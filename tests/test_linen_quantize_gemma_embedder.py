@@ -262,3 +262,24 @@ def test_routing_does_not_leak_to_float_models_in_this_or_another_thread():
   np.testing.assert_array_equal(model.apply(vf, ids), y_float)  # this thread, after
   assert _rel(y_q, model.apply({"params": qv["params"]["inner"]}, ids)) > 1e-3
   assert (jnp.transpose, jnp.swapaxes, jnp.take, jnp.matmul, jnp_indexing.rewriting_take) == patched
+
+
+class Transposed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(1.0), (8, 6))  # (in, out)
+    a = jax.lax.dot_general(x, w.T.T, (((1,), (0,)), ((), ())))  # a transpose of a transpose: w itself
+    b = jax.lax.dot_general(w.T, x, (((1,), (1,)), ((), ())))  # the weight first: (out, batch)
+    c = jnp.einsum("fd,bd->bf", w.T, x)  # the weight first, transposed, in an equation
+    return a, b.T, c
+
+
+def test_dot_general_and_weight_first_transposes_quantize_the_parameter_per_output_channel():
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  qm = qnn.quantize_model(Transposed(), [jqat.Rule(".*", weight=INT8_W)])
+  v = _init(qm, x)
+  w = np.asarray(v["params"]["w"])
+  ref = np.asarray(x) @ _np_rows(w.T).T  # per output channel: w's columns, whichever way the operand is written
+  for y in jax.jit(qm.apply)(v, x):
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  assert _rel(ref, np.asarray(x) @ w) > 1e-3
