@@ -217,3 +217,17 @@ def test_bad_input(served):
     jqat.nnx.ptq(served["rtn"], BATCHES)
   with pytest.raises(TypeError, match="needs an NNX model"):
     jqat.nnx.ptq(lambda x: x, BATCHES)
+
+
+def test_nonfinite_rows_are_skipped():
+  # A NaN and an Inf row in the calibration batches: ranges and scales equal those without the two rows.
+  bad = X[128:].at[5, 3].set(jnp.nan).at[9, 0].set(jnp.inf)
+  keep = jnp.concatenate([X[128:133], X[134:137], X[138:]])
+  models = [MLP(weight=W8, act=A8) for _ in range(2)]
+  jqat.nnx.ptq(models[0], [X[:128], bad], method="smoothquant")
+  jqat.nnx.ptq(models[1], [X[:128], keep], method="smoothquant")
+  for name in SHAPES:
+    a, b = (getattr(m, name).dot_general for m in models)
+    for key in ("scale", "zero_point"):
+      np.testing.assert_array_equal(a.lhs_serving.get_value()[key], b.lhs_serving.get_value()[key])
+    np.testing.assert_array_equal(a.input_scale.get_value(), b.input_scale.get_value())
