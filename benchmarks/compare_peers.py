@@ -203,6 +203,14 @@ def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, f
   return {n: min(t) for n, t in times.items()}
 
 
+def ratio_row(best: dict[str, float], baseline: str) -> dict[str, dict[str, float]]:
+  """``{name: {"ms": t, "ratio": t / best[baseline]}}``: every timing against the baseline of the same run."""
+  base = best[baseline]
+  if not base > 0:
+    raise ValueError(f"the baseline {baseline!r} took {base} ms; a ratio needs a positive time")
+  return {name: {"ms": t, "ratio": t / base} for name, t in best.items()}
+
+
 def _loss(name: str):
   if name == "mlp":
     return lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
@@ -227,14 +235,8 @@ def bench_qat_steps(settings: Settings, versions: dict) -> dict:
         params, stats = v["params"], v.get("quant_stats", {})
         step, state = bench_qat_step.make_step(model, _loss(name), opt), (params, stats, opt.init(params))
       runs[lib] = functools.partial(bench_qat_step.median_ms, step, state, x, y, settings.reps)
-    best = interleaved(runs, settings.rounds)
-    row = {}
-    for lib in QAT_LIBS:
-      if lib not in best:
-        row[lib] = SKIPPED
-      else:
-        row[lib] = {"ms": best[lib], "ratio": best[lib] / best["float"]}
-    results[name] = row
+    timed = ratio_row(interleaved(runs, settings.rounds), "float")
+    results[name] = {lib: timed.get(lib, SKIPPED) for lib in QAT_LIBS}
   return results
 
 
@@ -273,8 +275,7 @@ def bench_serving_shapes(settings: Settings, versions: dict) -> dict:
       name: functools.partial(bench_serving.median_ms, f, *args, reps=settings.reps)
       for name, (f, *args) in variants.items()
     }
-    best = interleaved(runs, settings.rounds)
-    row = {name: {"ms": t, "ratio": t / best["float32"]} for name, t in best.items()}
+    row = ratio_row(interleaved(runs, settings.rounds), "float32")
     if not versions.get("qwix"):
       row["qwix w8a8"] = row["qwix weight-only"] = SKIPPED
     results[f"{m}x{k}x{n}"] = row

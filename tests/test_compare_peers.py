@@ -78,54 +78,105 @@ def test_quantized_product_rejects_unknown_granularity(cp):
     cp.quantized_product("jqat", x, x.T, 8, "rows")
 
 
-def _rows(table: str, header_start: str):
-  lines = table.splitlines()
-  i = next(j for j, line in enumerate(lines) if line.startswith(header_start))
-  out = []
-  for line in lines[i:]:
-    if not line.startswith("|"):
-      break
-    out.append(line)
-  return out
+def test_interleaved_rotates_the_order_and_keeps_each_best(cp):
+  calls, clock = [], iter(range(100))
+
+  def timer(name, values):
+    seq = iter(values)
+
+    def run():
+      calls.append((name, next(clock)))
+      return next(seq)
+
+    return run
+
+  best = cp.interleaved({"a": timer("a", [5.0, 3.0, 4.0]), "b": timer("b", [2.0, 6.0, 1.0])}, rounds=3)
+  assert best == {"a": 3.0, "b": 1.0}  # the minimum of each function's rounds
+  assert [n for n, _ in calls] == ["a", "b", "b", "a", "a", "b"]  # round r starts at function r mod n
 
 
-def test_markdown_marks_skipped_peers(cp):
-  results = {
-    "meta": {
-      "processor": "x86_64",
-      "cpu_count": 2,
-      "backend": "cpu",
-      "jax": jax.__version__,
-      "versions": JQAT_ONLY,
-      "command": "python benchmarks/compare_peers.py --quick",
-      "wall_s": 12.0,
-    },
-    "qat_step": {
-      "mlp": {
-        "float": {"ms": 10.0, "ratio": 1.0},
-        "jqat": {"ms": 9.0, "ratio": 0.9},
-        "qwix": cp.SKIPPED,
-        "aqt": cp.SKIPPED,
-      }
-    },
-    "serving": {
-      "8x16x16": {
-        "float32": {"ms": 1.0, "ratio": 1.0},
-        "jqat w8a8": {"ms": 0.5, "ratio": 0.5},
-        "qwix w8a8": cp.SKIPPED,
-      }
-    },
-    "quant_error": {"int8": {"tensor": {"jqat": 0.01, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}}},
-    "accuracy": {"float": 0.97, "w8a8": {"jqat": 0.975, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
+def test_ratio_row_divides_by_the_baseline_of_the_same_run(cp):
+  row = cp.ratio_row({"float": 8.0, "jqat": 6.0, "aqt": 10.0}, "float")
+  assert row == {
+    "float": {"ms": 8.0, "ratio": 1.0},
+    "jqat": {"ms": 6.0, "ratio": 0.75},
+    "aqt": {"ms": 10.0, "ratio": 1.25},
   }
-  table = cp.markdown(results)
-  assert "jax " + jax.__version__ in table and "qwix skipped (not installed)" in table
-  assert "`python benchmarks/compare_peers.py --quick`" in table
-  for header in ("| model |", "| (M, K, N) |", "| format |", "| QAT |"):
-    rows = _rows(table, header)
-    assert len(rows) >= 3
-    assert len({row.count("|") for row in rows}) == 1, rows  # every row has the header's columns
-  assert "| MLP 784-1024-1024-10, batch 256 | 10.0 | 9.0 (0.90x) | skipped | skipped | skipped |" in table
-  assert "| 8, 16, 16 | 1.000 (1.00x) | 0.500 (0.50x) | skipped |" in table
-  assert "| int8 | tensor | **1.0000e-02** | skipped | skipped |" in table
-  assert "0.9750 | skipped | skipped |" in table
+  with pytest.raises(ValueError, match="positive time"):
+    cp.ratio_row({"float": 0.0, "jqat": 1.0}, "float")
+
+
+def test_serving_section_measures_ratios_against_its_own_float_run(cp):
+  settings = cp.Settings(reps=3, rounds=2, models=(), shapes=((8, 32, 16),), float_steps=0, qat_steps=0,
+                         accuracy_bits=())  # fmt: skip
+  row = cp.bench_serving_shapes(settings, JQAT_ONLY)["8x32x16"]
+  assert row["qwix w8a8"] == row["qwix weight-only"] == cp.SKIPPED
+  timed = {k: v for k, v in row.items() if v != cp.SKIPPED}
+  assert set(timed) == {"float32", "raw int8 dot", "jqat w8a8", "jqat weight-only"}
+  assert timed["float32"]["ratio"] == 1.0
+  for v in timed.values():
+    assert v["ms"] > 0
+    assert v["ratio"] == pytest.approx(v["ms"] / timed["float32"]["ms"], rel=1e-12)
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+  """Every markdown table of ``text`` as rows of stripped cells, keyed by its header's first cell."""
+  tables, current = {}, None
+  for line in text.splitlines():
+    if line.startswith("|"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      if current is None:
+        current = tables.setdefault(cells[0], [cells])
+      elif not set(line) <= set("|-: "):
+        current.append(cells)
+    else:
+      current = None
+  return tables
+
+
+def _timed(cell: str) -> tuple[float, float]:
+  ms, ratio = cell.split(" (")
+  return float(ms), float(ratio.rstrip("x)"))
+
+
+def test_markdown_tables_show_the_results_they_are_given(cp):
+  results = {
+    "meta": {"processor": "x86_64", "cpu_count": 2, "backend": "cpu", "jax": jax.__version__,
+             "versions": JQAT_ONLY, "command": "python benchmarks/compare_peers.py --quick", "wall_s": 12.0},
+    "qat_step": {"mlp": {"float": {"ms": 10.0, "ratio": 1.0}, "jqat": {"ms": 9.0, "ratio": 0.9},
+                         "jqat-sym": {"ms": 8.5, "ratio": 0.85}, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
+    "serving": {"8x16x16": cp.ratio_row({"float32": 1.0, "jqat w8a8": 0.5}, "float32") | {"qwix w8a8": cp.SKIPPED}},
+    "quant_error": {"int8": {"tensor": {"jqat": 0.01, "qwix": 0.02, "aqt": cp.SKIPPED}}},
+    "accuracy": {"float": 0.97, "w8a8": {"jqat": 0.975, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
+  }  # fmt: skip
+  text = cp.markdown(results)
+  assert "qwix skipped (not installed)" in text
+  tables = _tables(text)
+  assert set(tables) == {"model", "(M, K, N)", "format", "QAT"}
+  for rows in tables.values():
+    assert len({len(r) for r in rows}) == 1, rows  # every row has the header's columns
+  # QAT step: float ms, then "ms (ratio)" per library in QAT_LIBS order; the ratio is ms / float ms.
+  header, (mlp,) = tables["model"][0], tables["model"][1:]
+  assert len(header) == len(cp.QAT_LIBS) + 1
+  assert float(mlp[1]) == 10.0
+  for lib, cell in zip(cp.QAT_LIBS[1:], mlp[2:]):
+    r = results["qat_step"]["mlp"][lib]
+    if r == cp.SKIPPED:
+      assert cell == cp.SKIPPED
+    else:
+      ms, ratio = _timed(cell)
+      assert ms == r["ms"] and ratio == pytest.approx(ms / 10.0, abs=0.005)  # printed to 2 decimals
+  # Serving: one column per variant, same rule.
+  header, (row,) = tables["(M, K, N)"][0], tables["(M, K, N)"][1:]
+  assert [int(v) for v in row[0].split(",")] == [8, 16, 16]
+  for variant, cell in zip(header[1:], row[1:]):
+    r = results["serving"]["8x16x16"][variant]
+    assert cell == cp.SKIPPED if r == cp.SKIPPED else _timed(cell) == (r["ms"], round(r["ratio"], 2))
+  # Quantization error: the smallest error of the row, and only it, is bold.
+  (err,) = tables["format"][1:]
+  cells = dict(zip(cp.LIBS, err[2:]))
+  assert cells["jqat"].startswith("**") and not cells["qwix"].startswith("**") and cells["aqt"] == cp.SKIPPED
+  assert float(cells["jqat"].strip("*")) == 0.01 and float(cells["qwix"]) == 0.02
+  # Accuracy: one row per QAT format, the values as given.
+  (acc,) = tables["QAT"][1:]
+  assert float(acc[1]) == 0.975 and acc[2:] == [cp.SKIPPED, cp.SKIPPED]
