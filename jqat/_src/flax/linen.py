@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import struct, traverse_util
 from flax.core import meta
 from flax.linen import module as _linen_module
 from jax import lax
@@ -64,6 +64,8 @@ KEEPS_FLOAT = "keeps_float"
 # gemma's "w"); ``convert`` drops that parameter. Shape: the parameter's + (0,).
 REPLACED = "replaced"
 CALIB = "quant_calib"
+# An injected op's note to convert: which float parameter of its parent it quantized (removed by convert).
+DROPS_PARAM = "drops_param"
 # ``serving/<dot>/input_scale``: per-input-channel divisor ``s`` (K,) of AWQ / SmoothQuant, applied before the dot.
 INPUT_SCALE = "input_scale"
 _BITS = tuple(QuantBits)
@@ -138,6 +140,43 @@ def _autoname_as(module: nn.Module, stock: type) -> None:
   parent._state.autoname_cursor[prefix] = cursor + 1
 
 
+class ConvertedParam(struct.PyTreeNode, meta.AxisMetadata):
+  """The place of a float parameter that ``convert`` replaced by serving variables; it holds no bytes.
+
+  A stock Flax layer with ``QatDotGeneral`` (or ``QatConvGeneralDilated``)
+  injected still reads its parameter when it serves: this box unboxes to
+  zeros of the parameter's shape (dead code under ``jax.jit``: the op
+  serves from the ``serving`` collection and never reads them). Its one
+  leaf, ``marker``, is a zero-size array of shape ``shape + (0,)``, so the
+  variables survive ``flax.serialization``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jqat
+    >>> from jqat._src.flax.linen import ConvertedParam
+    >>> p = ConvertedParam(jnp.zeros((3, 4, 0)))
+    >>> p.shape, p.unbox().shape, p.marker.nbytes
+    ((3, 4), (3, 4), 0)
+  """
+
+  marker: jax.Array
+
+  @property
+  def shape(self) -> tuple:
+    return tuple(jnp.shape(self.marker)[:-1])
+
+  def unbox(self):
+    return jnp.zeros(self.shape, jnp.result_type(self.marker))
+
+  def replace_boxed(self, val):
+    return self  # the parameter's values are gone; nothing to update
+
+  def add_axis(self, index, params):
+    return self
+
+  def remove_axis(self, index, params):
+    return self
+
+
 class _QuantOperands:
   """Operand quantization shared by ``QatDotGeneral`` and ``QatConvGeneralDilated``."""
 
@@ -207,6 +246,32 @@ class _QuantOperands:
     """Tells ``convert`` that this jqat layer deliberately serves in float (nothing to convert)."""
     if self.is_mutable_collection(SERVE) and not self.is_initializing():
       self.put_variable(SERVE, KEEPS_FLOAT, jnp.ones((), bool))
+
+  def _parent_params(self) -> dict:
+    parent = self.parent
+    if not isinstance(parent, nn.Module):
+      return {}
+    return {k: v for k, v in parent.variables.get("params", {}).items() if not isinstance(v, Mapping)}
+
+  def _note_parent_param(self, rhs) -> None:
+    """At convert, tells convert which float parameter of the parent layer ``rhs`` is (found by identity).
+
+    A stock layer with this op injected reads its parameter itself; an
+    operand that is a computed copy (cast to another dtype, masked) matches
+    none and its parameter stays.
+    """
+    for name, value in self._parent_params().items():
+      if value is rhs:
+        marks = dict(self.parent.get_variable(SERVE, DROPS_PARAM, {}) or {})
+        marks[name] = jnp.zeros((0,), bool)
+        self.parent.put_variable(SERVE, DROPS_PARAM, marks)
+        return
+
+  def _is_stand_in(self, rhs) -> bool:
+    """Whether ``rhs`` is the zero stand-in of a parameter convert dropped (so its values are not the kernel)."""
+    return any(
+      isinstance(v, ConvertedParam) and v.shape == tuple(jnp.shape(rhs)) for v in self._parent_params().values()
+    )
 
   def _served_weight(self, rhs_cfg, rhs_shape, lhs_cfg, where):
     wq = common.weight_from_serving(self.get_variable(SERVE, "rhs"), rhs_cfg, rhs_shape, where)
@@ -284,6 +349,8 @@ class QatDotGeneral(_QuantOperands, nn.Module):
     # passes the kernel's shape alone.
     has_kernel = not isinstance(rhs, jax.ShapeDtypeStruct)
     rhs_shape = jnp.shape(rhs) if has_kernel else rhs.shape
+    # A stock layer serving from converted variables passes the zero stand-in of its dropped kernel.
+    has_kernel = has_kernel and not (self.has_variable(SERVE, "rhs") and self._is_stand_in(rhs))
     err = common.dot_shape_error(where, lhs.shape, rhs_shape, dimension_numbers)
     if err is not None:
       raise err
@@ -324,6 +391,7 @@ class QatDotGeneral(_QuantOperands, nn.Module):
     rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None else None
     if converting and rhs_cfg is not None:
       self._write_serving(rhs, rhs_qp, rc, lhs_cfg, rhs_cfg, where)
+      self._note_parent_param(rhs)
     if common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg):
       lq = fake_quant(lhs, lhs_qp, lhs_cfg) if lhs_cfg is not None else lhs
       rq = fake_quant(rhs, rhs_qp, rhs_cfg) if rhs_cfg is not None else rhs
@@ -499,7 +567,8 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
     lhs_cfg = self.lhs_config
 
     converting = self.is_mutable_collection(SERVE) and not self.is_initializing()
-    if self.has_variable(SERVE, "rhs") and not converting and rhs_cfg is not None:
+    stand_in = self.has_variable(SERVE, "rhs") and self._is_stand_in(rhs)
+    if self.has_variable(SERVE, "rhs") and (not converting or stand_in) and rhs_cfg is not None:
       wq, lhs_qp = self._served_weight(rhs_cfg, rhs.shape, lhs_cfg, where)
       return common.serve_conv(lhs, wq, lhs_qp, lhs_cfg, conv, dn)
 
@@ -514,6 +583,7 @@ class QatConvGeneralDilated(_QuantOperands, nn.Module):
       rhs_qp = self._rhs_qparams(rhs, rhs_cfg)
       if converting:
         self._write_serving(rhs, rhs_qp, None, lhs_cfg, rhs_cfg, where)
+        self._note_parent_param(rhs)
       rhs_q = fake_quant(rhs, rhs_qp, rhs_cfg)
     return conv(lhs_q, rhs_q)
 
@@ -527,8 +597,8 @@ class QatConv(nn.Conv):
 
   ``weight_config``, ``activation_config``, ``mode`` and ``momentum`` are read
   when the layer is built, so ``clone(weight_config=...)`` takes effect.
-  The float kernel stays in ``params`` after ``convert`` (the conv serves
-  from its quantized copy).
+  After ``convert`` the float kernel in ``params`` is a ``ConvertedParam``
+  of no bytes (the conv serves from its quantized copy).
 
   Examples:
     >>> import jax, jax.numpy as jnp, jqat
@@ -789,9 +859,14 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
   int4 or fp8 values, scale, zero point, the column sums an asymmetric
   activation needs, and ``layout``: its format and logical shape) and its
   activation's frozen (or moving-average) range. The float kernels of
-  ``QatDense`` layers are dropped from ``params``; a stock Flax layer with
-  ``QatDotGeneral`` injected keeps its float kernel (it creates the parameter
-  itself) but serves from the quantized copy. Layers with ``mode="float"``
+  ``QatDense`` layers are dropped from ``params``. A stock Flax layer with
+  ``QatDotGeneral`` or ``QatConvGeneralDilated`` injected (``nn.Dense``,
+  ``nn.DenseGeneral``, ``nn.MultiHeadDotProductAttention``, ``nn.Conv``, and
+  ``QatConv``) reads its parameter itself: the parameter the op quantized is
+  replaced by a ``ConvertedParam`` of no bytes, which unboxes to zeros of its
+  shape, and the layer serves from the quantized copy. A kernel the layer
+  hands the op as a computed copy (cast by ``dtype``, masked) is not the
+  parameter itself and stays. Layers with ``mode="float"``
   (or no weight config) keep their float kernel and compute as before; a
   model whose jqat layers are all float converts to an empty ``serving``.
 
@@ -840,14 +915,24 @@ def convert(model: nn.Module, variables: Mapping, *args, **apply_kwargs) -> dict
   variables = {k: v for k, v in _check_variables(variables, where).items() if k != CALIB}
   _, updates = model.apply(variables, *args, mutable=[SERVE], **apply_kwargs)
   flat_serving = traverse_util.flatten_dict(dict(updates.get(SERVE, {})))
+  noted = [p[:-2] + (p[-1],) for p in flat_serving if len(p) >= 2 and p[-2] == DROPS_PARAM]
+  for p in noted:
+    del flat_serving[p[:-1] + (DROPS_PARAM, p[-1])]
   owners, any_layer = _serving_markers(flat_serving)
   if not any_layer:
     raise ValueError(f"{where}: found no jqat layer in the model (QatDense, QatConv, or a QatDotGeneral injected).")
   # REPLACED markers stay in serving: they shape the stand-in that quantize_model's apply passes to stock code.
   replaced = [p[:-2] + (p[-1],) for p in flat_serving if len(p) >= 2 and p[-2] == REPLACED]
   out = dict(variables)
-  out["params"] = traverse_util.unflatten_dict(
-    _drop_replaced_params(traverse_util.flatten_dict(dict(variables["params"])), owners, replaced)
-  )
+  flat_params = _drop_replaced_params(traverse_util.flatten_dict(dict(variables["params"])), owners, replaced)
+  from jqat._src.flax.linen_quantize import QuantizedModel  # noqa: PLC0415 (it imports this module)
+
+  if not isinstance(model, QuantizedModel):
+    # Stock layers with a jqat op injected read their parameter themselves: it stays, as a box of no bytes.
+    for p in noted:
+      w = flat_params.get(p)
+      if w is not None and not isinstance(w, meta.AxisMetadata):
+        flat_params[p] = ConvertedParam(jnp.zeros((*jnp.shape(w), 0), jnp.result_type(w)))
+  out["params"] = traverse_util.unflatten_dict(flat_params)
   out[SERVE] = traverse_util.unflatten_dict(flat_serving)
   return out
