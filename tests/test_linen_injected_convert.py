@@ -57,9 +57,10 @@ def _check_served(model, x, qat, ratio, jit=False):
   float_bytes = _nbytes(qat["params"])
   served_bytes = _nbytes(served["params"]) + _nbytes(served["serving"])
   assert served_bytes <= ratio * float_bytes, (served_bytes, float_bytes)
-  np.testing.assert_allclose(model.apply(served, x), model.apply(qat, x), rtol=1e-4, atol=1e-4)
+  y_qat, y_served = model.apply(qat, x), model.apply(served, x)
+  np.testing.assert_allclose(y_served, y_qat, rtol=1e-4, atol=1e-4)
   if jit:  # the zero stand-ins are dead code under jit; the result is the same
-    np.testing.assert_allclose(jax.jit(model.apply)(served, x), model.apply(qat, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(model.apply)(served, x), y_qat, rtol=1e-4, atol=1e-4)
 
   again = qnn.convert(model, served, x)
   assert jax.tree.structure(again) == jax.tree.structure(served)
@@ -67,7 +68,7 @@ def _check_served(model, x, qat, ratio, jit=False):
     np.testing.assert_array_equal(a, b)
 
   restored = serialization.from_bytes(served, serialization.to_bytes(served))
-  np.testing.assert_array_equal(model.apply(restored, x), model.apply(served, x))
+  np.testing.assert_array_equal(model.apply(restored, x), y_served)
   return served
 
 
