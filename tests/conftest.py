@@ -153,7 +153,7 @@ def ref():
   )
 
 
-# Whole examples and multi-process / eight-device subprocess runs: tens of seconds each. They are marked slow,
+# Whole examples, multi-process / eight-device subprocess runs and the longest training loops: they are marked slow,
 # so the README's test command (``-m "not slow"``) stays within a few minutes on two cores; .ci/run runs them
 # too, as a second step.
 SLOW_FILES = {
@@ -165,10 +165,22 @@ SLOW_FILES = {
   "test_nnx_sharding.py",
 }
 SLOW_FIXTURES = {"sharded"}  # tests/test_sharding.py's eight-device subprocess
+# Training loops and end-to-end layer runs of 10 s or more on two cores.
+SLOW_TESTS = {
+  "test_linen.py::test_attention_with_injected_qat_dot_general_trains",
+  "test_linen.py::test_optax_training_learns_digits_without_recompiling",
+  "test_linen_lifecycle.py::test_canonical_train_state_loop_learns_digits_as_dense_does",
+  "test_linen_lifecycle.py::test_params_only_apply_of_a_module_built_in_setup",
+  "test_nnx.py::test_conv_and_injected_dot_general",
+  "test_nnx_quantize_model.py::test_train_calibrate_convert_serve",
+  "test_qat_dot.py::test_operands_with_their_own_range_skip_the_all_ones_mask",
+  "test_serving.py::test_conv_serves_with_an_integer_convolution",
+}
 
 
 def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
-    if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+    slow_test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS
+    if slow_test or item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
