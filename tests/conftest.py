@@ -175,6 +175,12 @@ SLOW_TESTS = {
   "test_nnx_quantize_model.py::test_train_calibrate_convert_serve",
   "test_qat_dot.py::test_operands_with_their_own_range_skip_the_all_ones_mask",
   "test_serving.py::test_conv_serves_with_an_integer_convolution",
+  "test_serving.py::test_serving_matches_qat_forward",
+  "test_linen_lifecycle.py::test_serving_variables_record_format_and_layout",
+  "test_linen_quantize_model.py::test_lsq_rule_under_a_param_override_that_needs_a_shape",
+  "test_linen_einsum_embed.py::test_qat_einsum_with_bias_calibrates_converts_and_serves_the_integer_path",
+  "test_nnx_quantize_model.py::test_einsum_op_under_jit_and_grad",
+  "attention.py::jqat._src.flax.attention.QatAttention",
 }
 
 
