@@ -181,6 +181,10 @@ SLOW_TESTS = {
   "test_linen_einsum_embed.py::test_qat_einsum_with_bias_calibrates_converts_and_serves_the_integer_path",
   "test_nnx_quantize_model.py::test_einsum_op_under_jit_and_grad",
   "attention.py::jqat._src.flax.attention.QatAttention",
+  "attention.py::jqat._src.flax.attention.quantized_attention",
+  "nnx_attention.py::jqat._src.flax.nnx_attention.QatMultiHeadAttention",
+  "test_nnx_lifecycle.py::test_serving_variables_of_another_layout_raise",
+  "test_linen_einsum_embed.py::test_tied_embedding_serves_one_quantized_table",
 }
 
 
