@@ -181,6 +181,7 @@ def _pass(model, apply_kwargs, layers_out: dict, order: list, hessian: bool, sam
 
 
 def _merge(a, b):
+  """Merges two batches' statistics per dot path (also used by the NNX ptq, whose entries hold no kernel)."""
   if a is None:
     return b
   out = {}
@@ -188,10 +189,11 @@ def _merge(a, b):
     o = a[path]
     out[path] = {
       "moments": moments_merge(o["moments"], e["moments"]),
-      "kernel": o["kernel"],
       "lo": jnp.minimum(o["lo"], e["lo"]),
       "hi": jnp.maximum(o["hi"], e["hi"]),
     }
+    if "kernel" in o:
+      out[path]["kernel"] = o["kernel"]
     if "sample" in o:
       out[path]["sample"] = o["sample"]
       out[path]["more"] = o.get("more", []) + [e["sample"]]

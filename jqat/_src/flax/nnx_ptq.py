@@ -39,7 +39,7 @@ from flax import nnx
 from jax import lax
 
 from jqat._src import rules as rules_lib
-from jqat._src.calibration.moments import moments_init, moments_merge, moments_update
+from jqat._src.calibration.moments import moments_init, moments_update
 from jqat._src.flax import common
 from jqat._src.flax import linen_ptq as lptq
 from jqat._src.flax import nnx as qnnx
@@ -134,30 +134,13 @@ def _build(graphdef, call_kwargs: Mapping, hessian: bool, sample_rows: int):
   return jax.jit(step), order, plain_dots
 
 
-def _merge(a, b):
-  if a is None:
-    return b
-  out = {}
-  for path, e in b.items():
-    o = a[path]
-    out[path] = {
-      "moments": moments_merge(o["moments"], e["moments"]),
-      "lo": jnp.minimum(o["lo"], e["lo"]),
-      "hi": jnp.maximum(o["hi"], e["hi"]),
-    }
-    if "sample" in o:
-      out[path]["sample"] = o["sample"]
-      out[path]["more"] = o.get("more", []) + [e["sample"]]
-  return out
-
-
 def _statistics(step, replace, batches, sample_rows):
   total = None
   for batch in batches:
     stats = step(replace, batch)
     if total is not None and set(stats) != set(total):
       raise ValueError(f"{_WHERE}: the batches take different paths through the model; ptq needs one structure.")
-    total = _merge(total, stats)
+    total = lptq._merge(total, stats)
   for e in total.values():
     if "more" in e:
       e["sample"] = jnp.concatenate([e["sample"], *e.pop("more")])[:sample_rows]
