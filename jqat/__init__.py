@@ -70,8 +70,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  # The Flax layers load on first use, so the core imports without Flax.
-  if name in ("linen", "nnx"):
+  # The Flax layers and the hand-off formats load on first use, so the core imports without Flax, gguf or torch.
+  if name in ("linen", "nnx", "gguf", "compressed_tensors"):
     import importlib
 
     return importlib.import_module(f"jqat.{name}")
