@@ -29,6 +29,7 @@ from jqat._src.calibration.tree import observe as observe
 from jqat._src.config import CalibMethod as CalibMethod
 from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
+from jqat._src.export import export as export
 from jqat._src.fake_quant import fake_quant as fake_quant
 from jqat._src.fake_quant import lsq_grad_scale as lsq_grad_scale
 from jqat._src.flax.sharding import serving_partition_specs as serving_partition_specs
@@ -102,6 +103,7 @@ __all__ = (
     "dequantize",
     "entropy_amax",
     "entropy_divergences",
+    "export",
     "fake_quant",
     "finalize",
     "finalize_stats",
