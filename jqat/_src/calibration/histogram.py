@@ -114,9 +114,20 @@ def _coarsen(counts: jax.Array, k: jax.Array) -> jax.Array:
   return jax.ops.segment_sum(counts, idx, num_segments=n, indices_are_sorted=True)
 
 
+def _widen(counts: jax.Array, k: jax.Array) -> jax.Array:
+  """``_coarsen`` when the range grows (``k > 0``); the counts themselves otherwise, as after the first batch."""
+  # ``+ zeros_like(k)``: inside shard_map both branches must vary over the same mesh axes as ``k``.
+  return lax.cond(k > 0, _coarsen, lambda c, k: c + jnp.zeros_like(k), counts, k)
+
+
 @jax.jit
 def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
-  """Adds the finite values of ``x`` (any shape) to the histogram."""
+  """Adds the finite values of ``x`` (any shape) to the histogram.
+
+  Two passes over ``x``: one reduction for the range (which fixes the
+  exponent), then the bin indices and one scatter-add of them. The scatter,
+  one read-modify-write per element, is what costs.
+  """
   x = jnp.asarray(x)
   range_stats.check_nonempty(x)
   x = x.astype(jnp.float32).reshape(-1)
@@ -126,18 +137,20 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   lo, hi = lo[0], hi[0]
   amax = jnp.where(lo <= hi, jnp.maximum(-lo, hi), 0.0)
   e = jnp.maximum(state.exponent, _exponent_of(amax))
-  counts = _coarsen(state.counts, e - state.exponent)
-  idx = _scale_pow2(jnp.abs(x), log2n - e)
-
-  def clean(idx):
-    return idx.astype(jnp.int32)
-
-  def masked(idx):
-    # Out of range: dropped by the scatter below.
-    return jnp.where(jnp.isfinite(idx), idx, n).astype(jnp.int32)
-
-  idx = lax.cond(bad == 0, clean, masked, idx)
-  counts = counts.at[idx].add(1, mode="drop")
+  counts = _widen(state.counts, e - state.exponent)
+  # |x| * 2^(log2n - e) is exact, so each value's bin is the same whatever the batch; a finite value is below
+  # 2^e, so its index is below n. NaN and ±Inf fail the comparison: they are counted in bin 0 and taken out
+  # of it after the scatter, so that every index is in bounds and the scatter checks none.
+  scaled = _scale_pow2(jnp.abs(x), log2n - e)
+  idx = jnp.where(scaled < n, scaled, 0).astype(jnp.uint16 if n <= 2**16 else jnp.int32)
+  counts = lax.scatter_add(
+    counts,
+    idx[:, None],
+    jnp.ones(idx.shape, jnp.int32),
+    lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)),
+    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+  counts = counts.at[0].add(-bad)
   return HistogramState(
     counts,
     e,

@@ -1,0 +1,105 @@
+"""The histogram state's counts, bin for bin, against NumPy's ``np.histogram`` of the same finite values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jqat
+from jqat._src.calibration import histogram as hist_lib
+
+_update = jax.jit(jqat.update_stats)
+_merge = jax.jit(jqat.merge_stats)
+
+
+def _reference(batches, num_bins):
+  """``np.histogram`` of ``|x|`` over ``[0, 2^e)`` for every finite value, ``e`` the smallest with ``max|x| < 2^e``.
+
+  The bin width ``2^e / num_bins`` is a power of two, so NumPy's edges and bin indices are exact too.
+  """
+  values = np.concatenate([np.abs(np.asarray(b, np.float64).reshape(-1)) for b in batches])
+  finite = values[np.isfinite(values)]
+  amax = finite.max() if finite.size else 0.0
+  if amax == 0:
+    # Only zeros (or nothing finite): everything sits in bin 0 at the empty exponent.
+    counts = np.zeros(num_bins, np.int64)
+    counts[0] = finite.size
+    return counts, hist_lib.EMPTY_EXPONENT, values.size - finite.size
+  e = int(np.frexp(amax)[1])  # amax < 2^e
+  counts, _ = np.histogram(finite, bins=num_bins, range=(0.0, 2.0**e))
+  return counts, e, values.size - finite.size
+
+
+def _check(state, batches, num_bins):
+  counts, e, bad = _reference(batches, num_bins)
+  np.testing.assert_array_equal(np.asarray(state.counts), counts)
+  assert int(state.exponent) == e
+  assert int(state.nonfinite) == bad
+  assert int(state.count) == sum(np.size(b) for b in batches) - bad
+
+
+def _batches(seed, sizes, scales, bad_every):
+  rng = np.random.default_rng(seed)
+  out = []
+  for size, scale in zip(sizes, scales):
+    x = (rng.laplace(size=size) * scale).astype(np.float32)
+    if bad_every:
+      x[::bad_every] = np.array([np.nan, np.inf, -np.inf], np.float32)[rng.integers(0, 3)]
+    out.append(x)
+  return out
+
+
+@pytest.mark.parametrize("num_bins", [4096, 65536])
+@pytest.mark.parametrize("bad_every", [0, 7])
+def test_counts_equal_np_histogram_batch_by_batch_and_merged(num_bins, bad_every):
+  # The scales make later batches widen the range (and one narrower batch follows a wide one).
+  batches = _batches(0, (1000, 777, 4096, 300), (0.01, 3.0, 0.5, 200.0), bad_every)
+  state = jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=num_bins)
+  for k, b in enumerate(batches):
+    state = _update(state, b)
+    _check(state, batches[: k + 1], num_bins)
+  # Each batch on its own, merged in another order: the same counts.
+  parts = [_update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=num_bins), b) for b in batches]
+  merged = parts[3]
+  for p in (parts[1], parts[0], parts[2]):
+    merged = _merge(merged, p)
+  _check(merged, batches, num_bins)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_edges_zeros_subnormals_and_bf16():
+  n = 4096
+  # Values exactly on bin edges (multiples of the bin width 2^3 / 4096), just below them, zeros and subnormals.
+  width = 2.0**3 / n
+  edges = np.arange(0, n, 37) * width
+  x = np.concatenate([edges, np.nextafter(edges, -1), [0.0, -0.0, 1e-45, -1e-40, 7.999999]]).astype(np.float32)
+  s = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n), x)
+  _check(s, [x], n)
+  xb = jnp.asarray(x[:200], jnp.bfloat16)
+  sb = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n), xb)
+  _check(sb, [np.asarray(xb, np.float32)], n)
+
+
+def test_only_nonfinite_and_only_zeros():
+  n = 4096
+  s = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n), jnp.array([jnp.nan, jnp.inf, -jnp.inf]))
+  assert int(s.counts.sum()) == 0 and int(s.nonfinite) == 3 and int(s.count) == 0
+  s = _update(s, jnp.zeros((5,)))
+  assert int(s.counts[0]) == 5 and int(s.counts.sum()) == 5 and int(s.exponent) == hist_lib.EMPTY_EXPONENT
+
+
+_VALUES = st.floats(-1e6, 1e6, width=32) | st.sampled_from([np.nan, np.inf, -np.inf])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(_VALUES, min_size=32, max_size=32), min_size=1, max_size=4))  # one shape: one compilation
+def test_counts_equal_np_histogram_property(batches):
+  batches = [np.asarray(b, np.float32) for b in batches]
+  n = 4096
+  state = jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n)
+  for b in batches:
+    state = _update(state, b)
+  _check(state, batches, n)
