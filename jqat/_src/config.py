@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import jax.numpy as jnp
+
 from jqat._src import formats
 from jqat._src.formats import QuantBits
 
@@ -24,6 +26,45 @@ class Estimator(str, enum.Enum):
 
   STE = "ste"
   LSQ = "lsq"
+
+
+class Rounding(str, enum.Enum):
+  """How grid units ``u = x / scale`` round to an integer (integer formats only).
+
+  * ``HALF_EVEN``: ``jnp.round``, ties to even, as PyTorch and NVIDIA's tools.
+  * ``HALF_AWAY_FROM_ZERO``: C's ``roundf``; llama.cpp's Q8_0 (``np_roundf`` in
+    the ``gguf`` package).
+  * ``HALF_UP_UNSIGNED``: ties up, computed on the unsigned code:
+    ``floor(u + (0.5 - qmin)) + qmin`` in the compute dtype; llama.cpp's Q4_0
+    (``trunc(x / d + 8.5) - 8``). The addition of ``0.5 - qmin`` rounds in
+    float32 exactly as the reference does, so the codes agree bit for bit.
+  """
+
+  HALF_EVEN = "half_even"
+  HALF_AWAY_FROM_ZERO = "half_away_from_zero"
+  HALF_UP_UNSIGNED = "half_up_unsigned"
+
+
+class ScaleRule(str, enum.Enum):
+  """How a symmetric scale comes from a block's values (integer formats only).
+
+  * ``AMAX``: ``scale = amax / qmax``, evaluated as ``amax * (1 / qmax)``.
+  * ``AMAX_EXACT``: ``scale = amax / qmax`` correctly rounded (the float32
+    division of NumPy and C); llama.cpp's Q8_0 (``d = amax / 127``).
+  * ``SIGNED_MAX``: ``scale = m / qmin``, ``m`` the block's value of largest
+    magnitude with its sign (the first one on a tie), so that ``m`` lands
+    exactly on ``qmin``; llama.cpp's Q4_0 (``d = m / -8``). The scale is
+    negative where ``m`` is positive; its magnitude is never below
+    ``MIN_SCALE``.
+  """
+
+  AMAX = "amax"
+  AMAX_EXACT = "amax_exact"
+  SIGNED_MAX = "signed_max"
+
+
+# Dtypes a scale may be stored in (``QatConfig.scale_dtype``).
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class CalibMethod(str, enum.Enum):
@@ -87,6 +128,16 @@ class QatConfig:
       for int8) instead of the full ``[-2^(b-1), 2^(b-1) - 1]``.
     estimator: ``"ste"`` (clipped straight-through) or ``"lsq"`` (learned step
       size), see ``Estimator``.
+    rounding: how grid units round, ``"half_even"`` (default),
+      ``"half_away_from_zero"`` or ``"half_up_unsigned"``, see ``Rounding``.
+      Integer formats only.
+    scale_rule: how a symmetric scale comes from the values, ``"amax"``
+      (default), ``"amax_exact"`` or ``"signed_max"``, see ``ScaleRule``.
+    scale_dtype: None (default), or the dtype the scale is stored in
+      (``"float16"``, ``"bfloat16"``, ``"float32"``): grid units use the scale
+      as computed, dequantization the scale rounded to this dtype, as a file
+      that stores it rounded (llama.cpp's fp16 ``d``) is read. ``QTensor.scale``
+      holds the rounded scale.
 
   Raises:
     ValueError: at construction, naming the field, the value and what is allowed.
@@ -110,6 +161,9 @@ class QatConfig:
   group_axis: int = 0
   narrow_range: bool = False
   estimator: Estimator | str = Estimator.STE
+  rounding: Rounding | str = Rounding.HALF_EVEN
+  scale_rule: ScaleRule | str = ScaleRule.AMAX
+  scale_dtype: str | None = None
 
   def __post_init__(self):
     try:
@@ -124,6 +178,25 @@ class QatConfig:
     except ValueError:
       raise _error("estimator", self.estimator, _allowed(Estimator)) from None
     object.__setattr__(self, "estimator", estimator)
+    try:
+      rounding = Rounding(self.rounding)
+    except ValueError:
+      raise _error("rounding", self.rounding, _allowed(Rounding)) from None
+    object.__setattr__(self, "rounding", rounding)
+    try:
+      scale_rule = ScaleRule(self.scale_rule)
+    except ValueError:
+      raise _error("scale_rule", self.scale_rule, _allowed(ScaleRule)) from None
+    object.__setattr__(self, "scale_rule", scale_rule)
+    if self.scale_dtype is not None:
+      try:
+        name = jnp.dtype(self.scale_dtype).name
+      except (TypeError, ValueError):
+        name = None
+      if name not in SCALE_DTYPES:
+        raise _error("scale_dtype", self.scale_dtype, "None, " + ", ".join(repr(d) for d in SCALE_DTYPES))
+      # Stored as the dtype's name: a plain string keeps the config hashable and readable.
+      object.__setattr__(self, "scale_dtype", name)
 
     for name in ("per_channel", "symmetric", "narrow_range"):
       if not isinstance(getattr(self, name), bool):
@@ -155,6 +228,22 @@ class QatConfig:
       raise _error("symmetric", self.symmetric, f"True for the float format {bits.value!r}")
     if bits.is_float and self.narrow_range:
       raise _error("narrow_range", self.narrow_range, f"False for the float format {bits.value!r}")
+    if bits.is_float and rounding is not Rounding.HALF_EVEN:
+      raise _error("rounding", rounding.value, f"'half_even' for the float format {bits.value!r} (fp8 rounds to even)")
+    if scale_rule is not ScaleRule.AMAX:
+      if bits.is_float:
+        raise _error("scale_rule", scale_rule.value, f"'amax' for the float format {bits.value!r}")
+      if not self.symmetric:
+        raise _error("scale_rule", scale_rule.value, "'amax' for an asymmetric config (the rules are symmetric)")
+    if scale_rule is ScaleRule.SIGNED_MAX:
+      if self.narrow_range:
+        raise _error(
+            "narrow_range", self.narrow_range, "False with scale_rule='signed_max' (the largest value sits on qmin)"
+        )
+      if estimator is not Estimator.STE:
+        raise _error(
+            "estimator", estimator.value, "'ste' with scale_rule='signed_max' (a signed scale; LSQ keeps it positive)"
+        )
 
   @property
   def channel_axes(self) -> tuple[int, ...]:
@@ -179,6 +268,11 @@ class QatConfig:
       m = self.bits.float_max
       return -m, m
     return formats.int_range(self.bits, self.narrow_range)
+
+  @property
+  def signed_scale(self) -> bool:
+    """Whether the scale may be negative (``scale_rule="signed_max"``)."""
+    return self.scale_rule is ScaleRule.SIGNED_MAX
 
   def replace(self, **changes) -> QatConfig:
     """A copy with some fields changed (validated again)."""

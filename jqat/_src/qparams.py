@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jqat._src.config import QatConfig
+from jqat._src.config import QatConfig, ScaleRule
 
 # The scale of a degenerate (all-zero) range: the smallest normal float32,
 # 2^-126. It is only a floor: any range with amax >= qmax * 2^-126 (about
@@ -197,6 +197,93 @@ def to_grid_units(x: jax.Array, scale) -> jax.Array:
   return x * (1 / scale)
 
 
+def divide_exact(a: jax.Array, n: int) -> jax.Array:
+  """``a / n`` correctly rounded, for finite ``a >= 0`` and a positive int ``n`` below 2^11.
+
+  Quotients below the smallest normal float (2^-126 in float32) may come out
+  as 0; scales are floored at ``MIN_SCALE`` anyway.
+
+  XLA turns a division by a constant into a multiplication by its reciprocal
+  (``a * (1 / n)``), which differs from the correctly rounded quotient in the
+  last bit for about 1 in 20 values of ``a / 127``. The quotient NumPy and C
+  compute is one of the three floats nearest ``c = a * (1 / n)``: the one
+  whose residual ``a - c' * n`` is smallest. The residual is exact: ``c'``
+  splits into two halves of 12 significant bits, each product with ``n`` is
+  exact, and each difference is exactly representable (Sterbenz), so no
+  rewriting of the arithmetic (FMA, reordering) can change the result.
+  (A quotient of an integer below 2^24 by an odd ``n`` is never a tie.)
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> a = jnp.float32(0.014706626)
+    >>> bool(divide_exact(a, 127) == np.float32(a) / np.float32(127)), bool(a * (1 / 127) == np.float32(a) / 127)
+    (True, False)
+  """
+  a = jnp.asarray(a)
+  dt = a.dtype
+  uint = jnp.uint64 if dt == jnp.float64 else jnp.uint32
+  nbits = jnp.finfo(dt).nmant + 1
+  keep = ~((1 << (nbits // 2)) - 1) & ((1 << (8 * dt.itemsize)) - 1)
+  # Small values are scaled by a power of two first, so no product or residual is subnormal.
+  small = a < 2.0 ** (jnp.finfo(dt).minexp + 2 * nbits)
+  lift = 2.0 ** (2 * nbits)
+  x = jnp.where(small, a * lift, a)
+  c = x * (1 / n)
+  best, best_r = c, None
+  for cand in (jnp.nextafter(c, jnp.zeros_like(c)), c, jnp.nextafter(c, jnp.full_like(c, jnp.inf))):
+    hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(cand, uint) & jnp.asarray(keep, uint), dt)
+    lo = cand - hi
+    r = jnp.abs((x - hi * n) - lo * n)
+    if best_r is None:
+      best, best_r = cand, r
+    else:
+      better = r < best_r
+      best, best_r = jnp.where(better, cand, best), jnp.where(better, r, best_r)
+  best = jnp.where(small, best * (1 / lift), best)
+  return jnp.where(a == 0, jnp.zeros_like(best), best)
+
+
+def _rule_scale(lo: jax.Array, hi: jax.Array, config: QatConfig, m: jax.Array | None = None) -> jax.Array:
+  """The symmetric scale of ``config.scale_rule`` from a range widened to include 0 (``m``: a known signed max)."""
+  qmax = float(config.qmax)
+  if config.scale_rule is ScaleRule.SIGNED_MAX:
+    if m is None:
+      # From a range alone the first of two equal magnitudes is unknown: the positive end is taken.
+      m = jnp.where(hi >= -lo, hi, lo)
+    scale = to_grid_units(m, float(config.qmin))  # qmin = -2^(b-1): the quotient is exact
+    # 0 / qmin is -0.0 for a block of +0.0 (llama.cpp stores that sign); the floor keeps it.
+    return jnp.where(jnp.abs(scale) < MIN_SCALE, jnp.copysign(jnp.asarray(MIN_SCALE, scale.dtype), scale), scale)
+  amax = jnp.maximum(-lo, hi)
+  if config.scale_rule is ScaleRule.AMAX_EXACT:
+    return jnp.maximum(divide_exact(amax, int(qmax)), MIN_SCALE)
+  return jnp.maximum(to_grid_units(amax, qmax), MIN_SCALE)
+
+
+def signed_max(x: ArrayLike, config: QatConfig) -> jax.Array:
+  """Each block's finite value of largest magnitude, with its sign, in the parameter layout.
+
+  On a tie the first in the block's order (row-major over the reduced axes)
+  wins, as NumPy's ``argmax`` in llama.cpp's Q4_0 quantizer. A block with no
+  finite value gives 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, jqat
+    >>> signed_max(jnp.array([[3.0, -1.0], [-3.0, 2.0]]), jqat.QatConfig(per_channel=True)).tolist()
+    [[3.0, 2.0]]
+  """
+  x = jnp.asarray(x)
+  xg = to_groups(x, config)
+  axes = reduce_axes(x.shape, config)
+  shape = params_shape(x.shape, config)
+  kept = tuple(a for a in range(xg.ndim) if a not in axes)
+  flat = jnp.transpose(xg, kept + axes).reshape(tuple(xg.shape[a] for a in kept) + (-1,))
+  mag = jnp.where(jnp.isfinite(flat), jnp.abs(flat), -1)
+  first = jnp.argmax(mag, axis=-1, keepdims=True)
+  m = jnp.take_along_axis(flat, first, axis=-1)
+  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+  return m.reshape(shape)
+
+
 def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig) -> QParams:
   """Scale and zero point that cover ``[min_val, max_val]``.
 
@@ -207,6 +294,12 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   * asymmetric: ``scale = (max - min) / (qmax - qmin)``,
     ``zero_point = clip(qmin - round(min / scale), qmin, qmax)``;
   * fp8 (always symmetric): ``scale = amax / fp8_max`` (448 or 57344).
+
+  ``config.scale_rule`` chooses the symmetric scale (see ``ScaleRule``):
+  ``"amax_exact"`` divides correctly rounded (``divide_exact``) and
+  ``"signed_max"`` gives ``m / qmin`` with ``m`` the end of larger magnitude
+  (the positive one on a tie; ``qparams_from_array`` takes the block's
+  first value instead, as llama.cpp).
 
   Each ``a / b`` is evaluated as ``a * (1 / b)`` (see ``to_grid_units``), so
   the parameters are the same bits whether computed eagerly or under jit.
@@ -251,6 +344,11 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
     ...
     ValueError: qparams_from_range: min_val > max_val (1.0 > -1.0); a range needs min_val <= max_val
   """
+  return _from_range(min_val, max_val, config, None)
+
+
+def _from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig, m) -> QParams:
+  """``qparams_from_range``, with ``m`` the blocks' signed maxima when known (``scale_rule="signed_max"``)."""
   check_config(config, "qparams_from_range")
   lo = jnp.asarray(min_val)
   hi = jnp.asarray(max_val)
@@ -286,8 +384,7 @@ def qparams_from_range(min_val: ArrayLike, max_val: ArrayLike, config: QatConfig
   hi = jnp.maximum(hi.astype(dtype), 0)
   qmin, qmax = config.qmin, config.qmax
   if config.symmetric:
-    amax = jnp.maximum(-lo, hi)
-    scale = jnp.maximum(to_grid_units(amax, float(qmax)), MIN_SCALE)
+    scale = _rule_scale(lo, hi, config, m)
   else:
     levels = float(qmax - qmin)
     width = hi - lo
@@ -319,7 +416,8 @@ def qparams_from_array(x: ArrayLike, config: QatConfig) -> QParams:
   """
   check_config(config, "qparams_from_array")
   lo, hi = array_range(x, config)
-  return qparams_from_range(lo, hi, config)
+  m = signed_max(x, config) if config.scale_rule is ScaleRule.SIGNED_MAX else None
+  return _from_range(lo, hi, config, m)
 
 
 def check_config(config, where: str) -> None:
@@ -350,7 +448,8 @@ def check_qparams(qparams, shape, config: QatConfig, where: str, *, lsq: bool = 
     axes is an error, not a silent broadcast.
   * ``zero_point``: the same shape as ``scale``, or a single value.
   * Concrete values (not under a trace): the scale positive and finite
-    (except ``lsq``: a learned scale is clamped instead, see ``fake_quant``),
+    (except ``lsq``: a learned scale is clamped instead, see ``fake_quant``;
+    and under ``scale_rule="signed_max"`` nonzero and finite, of either sign),
     and under a symmetric config the zero point 0.
 
   Examples:
@@ -372,11 +471,15 @@ def check_qparams(qparams, shape, config: QatConfig, where: str, *, lsq: bool = 
   s = concrete(qparams.scale)
   if s is not None and not lsq:
     s = s.astype(np.float64)
-    bad = ~(np.isfinite(s) & (s > 0))
+    if config.signed_scale:
+      bad = ~(np.isfinite(s) & (s != 0))
+      want, why = "nonzero and finite", "a zero scale has no grid"
+    else:
+      bad = ~(np.isfinite(s) & (s > 0))
+      want, why = "positive and finite", "a zero or negative scale has no grid"
     if bad.any():
       raise ValueError(
-        f"{where}: scale must be positive and finite, got {s[bad].flat[0]} ({int(bad.sum())} of {s.size} "
-        "values); a zero or negative scale has no grid"
+        f"{where}: scale must be {want}, got {s[bad].flat[0]} ({int(bad.sum())} of {s.size} values); {why}"
       )
   if config.symmetric:
     z = concrete(qparams.zero_point)
@@ -415,9 +518,10 @@ def to_params_shape(p, expected) -> jax.Array:
   return p.reshape(expected)
 
 
-def visible_scale(scale) -> jax.Array:
+def visible_scale(scale, config: QatConfig | None = None) -> jax.Array:
   """``scale`` with NaN wherever it is not positive: under a trace a zero or negative scale cannot be refused,
   so it makes the result visibly NaN instead of a plausible number (0 for a zero scale, saturation for a
-  negative one)."""
+  negative one). Under a config whose scale takes either sign (``scale_rule="signed_max"``), NaN where it is 0."""
   scale = jnp.asarray(scale)
-  return jnp.where(scale > 0, scale, jnp.asarray(jnp.nan, scale.dtype))
+  ok = scale != 0 if config is not None and config.signed_scale else scale > 0
+  return jnp.where(ok, scale, jnp.asarray(jnp.nan, scale.dtype))
