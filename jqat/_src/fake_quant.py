@@ -195,5 +195,5 @@ def fake_quant(
       grad_scale = lsq_grad_scale(x.size, int(jnp.size(qparams.scale)), config)
     yg = _fake_quant_lsq(config, xg, scale, zero_point, float(grad_scale))
   else:
-    yg = _fake_quant_ste(config, xg, qparams_lib.visible_scale(scale), zero_point)
+    yg = _fake_quant_ste(config, xg, qparams_lib.visible_scale(scale, config), zero_point)
   return qparams_lib.from_groups(yg, x.shape, config)

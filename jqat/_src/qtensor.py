@@ -429,13 +429,14 @@ def quantize(x: ArrayLike, qparams: QParams, config: QatConfig) -> QTensor:
   qparams_lib.check_qparams(qparams, x.shape, config, "quantize")
   cd = formats.compute_dtype(x.dtype)
   full = qparams_lib.params_shape(x.shape, config)
-  scale_b = qparams_lib.visible_scale(qparams_lib.to_params_shape(qparams.scale, full))
+  scale_b = qparams_lib.visible_scale(qparams_lib.to_params_shape(qparams.scale, full), config)
   zp_b = qparams_lib.to_params_shape(numerics.effective_zero_point(qparams.zero_point, config, scale_b.dtype), full)
   xg = qparams_lib.to_groups(x, config)
   s = qparams_lib.params_to_groups(scale_b, x.ndim, config)
   z = qparams_lib.params_to_groups(zp_b, x.ndim, config)
   q, _, _ = numerics.quantize_values(xg, s, z, config, cd)
-  scale_b = _nonfinite_scale(scale_b, xg, x.shape, config)
+  # The scale as it is stored (config.scale_dtype): what dequantize and every reader of the values use.
+  scale_b = numerics.stored_scale(_nonfinite_scale(scale_b, xg, x.shape, config), config)
   q = qparams_lib.from_groups(q, x.shape, config)
   if config.bits.is_float:
     values = q.astype(config.bits.float_dtype)
