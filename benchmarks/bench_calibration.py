@@ -3,9 +3,12 @@
 For each method, calibrating 4 batches of 1M float32 elements (observe each batch, then finalize), and the entropy
 threshold search alone on a 2048-bin histogram. jqat is timed after a warm-up call (compilation excluded), with
 ``block_until_ready``; every figure is the median of several runs. Also: ``observe`` (one update) against a bare
-jitted ``jnp.max(jnp.abs(x))`` over the same batch.
+jitted ``jnp.max(jnp.abs(x))`` over the same batch, alternating the two over ``--rounds`` rounds (the best median
+of each), and the calibration forward of Flax models (``model.apply(..., mutable=["quant_calib"])``, each quantized
+layer computing in float and observing its input into a histogram) against the float model's forward, alternating
+likewise.
 
-Run: ``python benchmarks/bench_calibration.py [--repeats N]``.
+Run: ``python benchmarks/bench_calibration.py [--repeats N] [--rounds R] [--only observe,forward]``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,11 +102,99 @@ def _median_time(fn, repeats, warm_up=True):
   return statistics.median(times)
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+def interleaved(fns: dict, rounds: int, reps: int) -> dict:
+  """Best of ``rounds`` medians of ``reps`` calls per function, the order of the functions flipping every round."""
+  for f in fns.values():
+    jax.block_until_ready(f())  # compiles
+  best = {k: float("inf") for k in fns}
+  names = list(fns)
+  for r in range(rounds):
+    for k in names if r % 2 == 0 else names[::-1]:
+      best[k] = min(best[k], _median_time(fns[k], reps, warm_up=False))
+  return best
+
+
+def bench_observe(rounds: int, reps: int = 20) -> dict:
+  """``update_stats`` on one batch of 1M against a bare jitted ``jnp.max(jnp.abs(x))``, interleaved."""
+  x = jnp.asarray(np.random.default_rng(0).laplace(size=BATCH).astype(np.float32))
+  cfg = jqat.QatConfig()
+  update = jax.jit(jqat.update_stats)
+  maxabs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
+  fns = {"jnp.max(abs)": lambda: maxabs(x)}
+  for method in ("minmax", "moving_average", "entropy"):
+    s = update(jqat.init_stats((BATCH,), cfg, method), x)  # a state that has seen a batch, as after the first
+    fns[method] = lambda s=s: update(s, x)
+  best = interleaved(fns, rounds, reps)
+  print(f"\nobserve one batch of {BATCH} vs a bare jitted jnp.max(jnp.abs(x)), best median seconds of {rounds} rounds")
+  for k, t in best.items():
+    print(f"{k:<16}{t:>10.5f}{t / best['jnp.max(abs)']:>9.2f}x")
+  return best
+
+
+class Mlp(nn.Module):
+  """784-1024-1024-10 with ReLU, as in ``bench_qat_step.py``."""
+
+  quant: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    dense = jqat.linen.QatDense if self.quant else nn.Dense
+    x = nn.relu(dense(1024)(x))
+    x = nn.relu(dense(1024)(x))
+    return dense(10)(x)
+
+
+class Block(nn.Module):
+  """A pre-LN transformer block, d=512, 8 heads, MLP 2048, as in ``bench_qat_step.py``."""
+
+  quant: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    dense = jqat.linen.QatDense if self.quant else nn.Dense
+    dg = jqat.linen.QatDotGeneral if self.quant else None
+    d = x.shape[-1]
+    h = nn.LayerNorm()(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=8, qkv_dot_general_cls=dg, out_dot_general_cls=dg)(h, mask=mask)
+    h = nn.LayerNorm()(x)
+    return x + dense(d)(nn.gelu(dense(4 * d)(h)))
+
+
+def bench_forward(rounds: int, reps: int = 20) -> dict:
+  """Calibration forward (``mutable=["quant_calib"]``, entropy histograms) against the float forward."""
+  key = jax.random.key(0)
+  results = {}
+  for name, cls, x in (
+    ("mlp b256", Mlp, jax.random.normal(key, (256, 784))),
+    ("block b16 s128", Block, jax.random.normal(key, (16, 128, 512))),
+  ):
+    fmodel, qmodel = cls(), cls(quant=True)
+    fv = fmodel.init(jax.random.key(1), x)
+    qv = qmodel.init(jax.random.key(1), x)
+    float_fwd = jax.jit(fmodel.apply)
+    _, calib = qmodel.apply(qv, x, mutable=["quant_calib"])  # statistics that have seen a batch
+
+    @jax.jit
+    def calib_fwd(v, c, x, qmodel=qmodel):
+      return qmodel.apply({**v, "quant_calib": c}, x, mutable=["quant_calib"])
+
+    qat = jax.jit(lambda v, x, qmodel=qmodel: qmodel.apply(v, x))  # for scale: the QAT forward
+    c = calib["quant_calib"]
+    fns = {
+      "float": lambda f=float_fwd, v=fv, x=x: f(v, x),
+      "calibrate": lambda f=calib_fwd, v=qv, c=c, x=x: f(v, c, x),
+      "qat forward": lambda f=qat, v=qv, x=x: f(v, x),
+    }
+    best = interleaved(fns, rounds, reps)
+    results[name] = best
+    print(f"\nforward of {name}: best median seconds of {rounds} rounds (ratio to float)")
+    for k, t in best.items():
+      print(f"{k:<16}{t:>10.5f}{t / best['float']:>9.2f}x")
+  return results
+
+
+def bench_methods(repeats: int) -> None:
   rng = np.random.default_rng(0)
   batches_np = [rng.laplace(size=BATCH).astype(np.float32) for _ in range(NUM_BATCHES)]
   batches = [jnp.asarray(b) for b in batches_np]
@@ -120,8 +212,8 @@ def main():
         s = update(s, b)
       return finalize(s, cfg, method)
 
-    t_jqat = _median_time(run, args.repeats)
-    np_repeats = 1 if method in ("entropy", "mse") else args.repeats  # the loops take seconds
+    t_jqat = _median_time(run, repeats)
+    np_repeats = 1 if method in ("entropy", "mse") else repeats  # the loops take seconds
     t_np = _median_time(lambda method=method: np_calibrate(batches_np, method), np_repeats, warm_up=False)
     print(f"{method:<16}{t_jqat:>10.4f}{t_np:>10.4f}{t_np / t_jqat:>9.1f}x")
 
@@ -136,14 +228,21 @@ def main():
   got = float(jqat.entropy_amax(counts, width))
   print(f"jqat {t_jqat:.5f}  numpy loop {t_np:.4f}  speed-up {t_np / t_jqat:.0f}x  (amax {got:.6g} vs {ref:.6g})")
 
-  print("\nobserve one batch of 1M vs a bare jitted jnp.max(jnp.abs(x)), median seconds")
-  maxabs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
-  t_base = _median_time(lambda: maxabs(batches[0]), 20)
-  print(f"{'jnp.max(abs)':<16}{t_base:>10.5f}")
-  for method in ("minmax", "moving_average", "entropy"):
-    s = jqat.init_stats((BATCH,), cfg, method)
-    t = _median_time(lambda s=s: update(s, batches[0]), 20)
-    print(f"{method:<16}{t:>10.5f}{t / t_base:>9.2f}x")
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the observe and forward sections")
+  parser.add_argument("--only", type=str, default="methods,observe,forward", help="comma-separated sections")
+  args = parser.parse_args()
+  sections = set(args.only.split(","))
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  if "methods" in sections:
+    bench_methods(args.repeats)
+  if "observe" in sections:
+    bench_observe(args.rounds)
+  if "forward" in sections:
+    bench_forward(args.rounds)
 
 
 if __name__ == "__main__":
