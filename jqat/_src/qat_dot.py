@@ -54,7 +54,7 @@ def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
 def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:
   """``fake_quant``'s output from its grid values: the same arithmetic, bit for bit."""
   cd = formats.compute_dtype(dtype)
-  s = qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config)
+  s = numerics.stored_scale(qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config), config)  # as stored
   z = numerics.effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), q.ndim, config), config, cd)
   qg = qparams_lib.to_groups(q, config).astype(cd)
   return qparams_lib.from_groups(numerics.dequantize_values(qg, s, z, dtype), q.shape, config)
@@ -285,5 +285,5 @@ def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: s
   where = f"qat_dot_general ({name})"
   qparams_lib.check_qparams(qp, shape, config, where)
   expected = qparams_lib.params_shape(shape, config)
-  scale = qparams_lib.visible_scale(qparams_lib.to_params_shape(qp.scale, expected))
+  scale = qparams_lib.visible_scale(qparams_lib.to_params_shape(qp.scale, expected), config)
   return scale, qparams_lib.to_params_shape(qp.zero_point, expected)
