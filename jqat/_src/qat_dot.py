@@ -10,6 +10,7 @@ estimator of the fake-quant float dot.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -41,7 +42,7 @@ def _storage_dtype(config: QatConfig):
 
 
 def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
-  """Grid values (in their storage dtype), the in-range mask, and the parameters used."""
+  """Grid values (in their storage dtype) and the in-range mask."""
   cd = formats.compute_dtype(x.dtype)
   s = qparams_lib.params_to_groups(jnp.asarray(scale), x.ndim, config)
   z = qparams_lib.params_to_groups(jnp.asarray(zero_point), x.ndim, config)
@@ -49,6 +50,24 @@ def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
   inside = numerics.in_range(xs, z, config)  # the same mask as fake_quant's clipped STE
   q = qparams_lib.from_groups(q.astype(_storage_dtype(config)), x.shape, config)
   return q, qparams_lib.from_groups(inside, x.shape, config)
+
+
+def _kernel_sums(static: _Static, qr: jax.Array, lhs_shape) -> jax.Array | None:
+  """``Σ_k q_r`` over the contraction (what an asymmetric activation's zero point multiplies), or None.
+
+  Summed in float32 from the int8 values: XLA reduces them with the
+  conversion fused, where an int32 sum would first write an int32 copy of
+  the kernel. Every partial sum is an integer of magnitude below
+  ``K * max|q|``, exact in float32 while that stays below ``2^24``. None (the
+  sums are then taken in int32 by ``int_kernels.accumulate``) for a
+  symmetric activation, an asymmetric kernel, or a contraction too long.
+  """
+  lcfg, rcfg = static.lhs_config, static.rhs_config
+  (lc, rc), _ = static.dims
+  k = math.prod(lhs_shape[a] for a in lc)
+  if lcfg.symmetric or not rcfg.symmetric or k * max(-rcfg.qmin, rcfg.qmax) >= 2**24:
+    return None
+  return jnp.sum(qr.astype(jnp.float32), axis=rc, keepdims=True).astype(jnp.int32)
 
 
 def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:
@@ -66,14 +85,14 @@ def _float_dot(static: _Static, a, b):
   )
 
 
-def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz):
+def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz, rhs_sums=None):
   lhs = int_kernels.Operand(ql, ls, lz, static.lhs_config)
   rhs = int_kernels.Operand(qr, rs, rz, static.rhs_config)
-  acc, scale, plan = int_kernels.accumulate(lhs, rhs, static.dims)
+  acc, scale, plan = int_kernels.accumulate(lhs, rhs, static.dims, rhs_sums=rhs_sums)
   return int_kernels.rescale(acc, scale, plan).astype(static.out_dtype)
 
 
-def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
+def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None):
   """Output and residuals: the grid values (int8 / fp8) or raw operand, and the masks."""
   lcfg, rcfg = static.lhs_config, static.rhs_config
   if lcfg is not None:
@@ -89,14 +108,18 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
   ml = ml if static.lhs_may_clip else None
   mr = mr if static.rhs_may_clip else None
   if static.integer:
-    y = _integer_forward(static, ql, ls, lz, qr, rs, rz)
+    y = _integer_forward(static, ql, ls, lz, qr, rs, rz, _kernel_sums(static, qr, lhs.shape))
   else:
     a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lhs.dtype)
     b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rhs.dtype)
     y = _float_dot(static, a, b)
   # An integer grid has no NaN: rows and columns that met a NaN or Inf are
   # made non-finite, as the float dot would give them (one fused reduction).
-  mark = int_kernels.nonfinite_out(lhs, rhs, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None)
+  # ``rhs_mark`` (0 or NaN per column, contracting axes of size 1) is that sum
+  # when the caller already knows it from the kernel's range.
+  mark = int_kernels.nonfinite_out(
+    lhs, rhs if rhs_mark is None else rhs_mark, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None
+  )
   if mark is not None:
     y = y + mark.astype(y.dtype)
   # Low-precision values and byte masks instead of float copies: the backward
@@ -105,17 +128,17 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qat_dot(static: _Static, lhs, rhs, ls, lz, rs, rz):
-  return _forward(static, lhs, rhs, ls, lz, rs, rz)[0]
+def _qat_dot(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark):
+  return _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)[0]
 
 
-def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz):
-  y, res = _forward(static, lhs, rhs, ls, lz, rs, rz)
-  return y, (res, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark):
+  y, res = _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)
+  return y, (res, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype), rhs_mark)
 
 
 def _qat_dot_bwd(static: _Static, res, g):
-  (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto = res
+  (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto, rhs_mark = res
   lcfg, rcfg = static.lhs_config, static.rhs_config
   a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lproto.dtype)
   b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rproto.dtype)
@@ -127,7 +150,8 @@ def _qat_dot_bwd(static: _Static, res, g):
     da = jnp.where(ml, da, jnp.zeros_like(da))
   if mr is not None:
     db = jnp.where(mr, db, jnp.zeros_like(db))
-  return da, db, jnp.zeros_like(ls), jnp.zeros_like(lz), jnp.zeros_like(rs), jnp.zeros_like(rz)
+  zeros = jnp.zeros_like(ls), jnp.zeros_like(lz), jnp.zeros_like(rs), jnp.zeros_like(rz)
+  return da, db, *zeros, None if rhs_mark is None else jnp.zeros_like(rhs_mark)
 
 
 _qat_dot.defvjp(_qat_dot_fwd, _qat_dot_bwd)
@@ -249,6 +273,44 @@ def qat_dot_general(
     Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018.
   """
+  return dot_general_with_mark(
+    lhs,
+    rhs,
+    dimension_numbers,
+    lhs_qparams,
+    rhs_qparams,
+    lhs_config=lhs_config,
+    rhs_config=rhs_config,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    lhs_may_clip=lhs_may_clip,
+    rhs_may_clip=rhs_may_clip,
+  )
+
+
+def dot_general_with_mark(
+  lhs,
+  rhs,
+  dimension_numbers,
+  lhs_qparams,
+  rhs_qparams,
+  *,
+  lhs_config,
+  rhs_config,
+  precision=None,
+  preferred_element_type=None,
+  lhs_may_clip=True,
+  rhs_may_clip=True,
+  rhs_mark=None,
+) -> jax.Array:
+  """``qat_dot_general`` with the kernel's non-finite mark given instead of computed.
+
+  ``rhs_mark``: None, or 0 / NaN per column of ``rhs`` (``rhs``'s shape with
+  the contracting axes of size 1): NaN exactly where the column holds a NaN
+  or ±Inf. A kernel quantized with its own per-channel range has it from the
+  range's reduction (see ``flax.common.own_range_qparams``), which saves a
+  pass over the kernel.
+  """
   lhs = jnp.asarray(lhs)
   rhs = jnp.asarray(rhs)
   out_dtype = jnp.dtype(
@@ -273,7 +335,9 @@ def qat_dot_general(
   rs, rz = _params_or_placeholder(rhs_qparams, rhs_config, "rhs", rhs.shape)
   integer = _integer_path_applies(lhs, rhs, dims, lhs_config, rhs_config, ls, lz, rs, rz)
   static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer, lhs_may_clip, rhs_may_clip)
-  return _qat_dot(static, lhs, rhs, ls, lz, rs, rz)
+  if rhs_config is None:
+    rhs_mark = None
+  return _qat_dot(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)
 
 
 def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: str, shape):

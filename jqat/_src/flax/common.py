@@ -20,7 +20,7 @@ from jqat._src.calibration import range_stats
 from jqat._src.calibration import stats as calibration
 from jqat._src.config import CalibMethod, Estimator, QatConfig
 from jqat._src.formats import QuantBits
-from jqat._src.qat_dot import qat_dot_general
+from jqat._src.qat_dot import dot_general_with_mark
 from jqat._src.qparams import QParams
 from jqat._src.qtensor import PACK_AXIS, QTensor, dequantize, quantize
 
@@ -167,22 +167,65 @@ def activation_qparams(
   Per-token (per-channel) activation configs are always dynamic.
   """
   x = lax.stop_gradient(x)
-  batch_qp = qparams_lib.qparams_from_array(x, config)
   if stats is None or config.per_channel or config.group_size is not None:
-    return batch_qp, stats
+    return qparams_lib.qparams_from_array(x, config), stats
+  shape = qparams_lib.params_shape(x.shape, config)
   ema = stats.ema
+
+  def from_stats(ema):
+    ema_qp = calibration.finalize_stats(ema, config, CalibMethod.MOVING_AVERAGE)
+    scale = jnp.where(stats.frozen, stats.scale, ema_qp.scale.reshape(()))
+    zp = jnp.where(stats.frozen, stats.zero_point, ema_qp.zero_point.reshape(()))
+    return scale.reshape(shape), zp.reshape(shape)
+
   if update:
     new_ema = calibration.update_stats(ema, x)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
-    stats = stats._replace(ema=ema)
-  ema_qp = calibration.finalize_stats(ema, config, CalibMethod.MOVING_AVERAGE)
-  seen = ema.count > 0
-  scale = jnp.where(stats.frozen, stats.scale, jnp.where(seen, ema_qp.scale.reshape(()), batch_qp.scale.reshape(())))
-  zp = jnp.where(
-    stats.frozen, stats.zero_point, jnp.where(seen, ema_qp.zero_point.reshape(()), batch_qp.zero_point.reshape(()))
+    # The average has seen this batch: before any statistics its range is
+    # exactly the batch's own (finite) range, so the batch's parameters need
+    # no second reduction of x.
+    return QParams(*from_stats(ema)), stats._replace(ema=ema)
+
+  def from_batch(_):
+    qp = qparams_lib.qparams_from_array(x, config)
+    return qp.scale.reshape(shape).astype(jnp.float32), qp.zero_point.reshape(shape).astype(jnp.float32)
+
+  # Only a model that has seen no batch yet reads the batch's range.
+  seen = stats.frozen | (ema.count > 0)
+  return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats
+
+
+def own_range_qparams(x: jax.Array, config: QatConfig) -> tuple[QParams, jax.Array | None]:
+  """``qparams_from_array(x, config)``, and where ``x`` holds NaN or ±Inf: 0 or NaN per block (or None).
+
+  The same parameters, bit for bit, from one plain reduction (``max |x|`` for
+  a symmetric format, min and max otherwise) instead of the masked
+  reductions of ``array_range``: NaN and ±Inf propagate through ``max`` and
+  ``min``, so finite results prove the whole tensor finite, and only
+  otherwise (``lax.cond``) is the range taken again without them. The
+  reduction's result also says, per block, whether the block held a
+  non-finite value: the returned mark is NaN there and 0 elsewhere, in the
+  parameter layout. Per-group configs take ``qparams_from_array`` as it is
+  (mark None).
+  """
+  x = lax.stop_gradient(jnp.asarray(x))
+  if config.group_size is not None or x.size == 0:
+    return qparams_lib.qparams_from_array(x, config), None
+  axes = qparams_lib.reduce_axes(x.shape, config)
+  if config.symmetric:
+    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    lo, hi, finite = -amax, amax, jnp.isfinite(amax)
+  else:
+    lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+    finite = jnp.isfinite(lo) & jnp.isfinite(hi)
+  shape = qparams_lib.params_shape(x.shape, config)
+  lo, hi = lax.cond(
+    jnp.all(finite),
+    lambda: (lo.reshape(shape), hi.reshape(shape)),
+    lambda: qparams_lib.array_range(x, config),
   )
-  shape = batch_qp.scale.shape
-  return QParams(scale.reshape(shape), zp.reshape(shape)), stats
+  mark = jnp.where(finite, jnp.zeros((), jnp.float32), jnp.float32(jnp.nan)).reshape(shape)
+  return qparams_lib.qparams_from_range(lo, hi, config), mark
 
 
 def quantized_dot_general(
@@ -203,12 +246,21 @@ def quantized_dot_general(
   The same numbers as ``lax.dot_general(fake_quant(lhs), fake_quant(rhs))``
   up to float rounding of the rescale, computed as serving computes them. The
   kernel is quantized with its own range (so it never clips), and so is a
-  per-token activation; their all-ones STE masks are skipped.
+  per-token activation; their all-ones STE masks are skipped. ``rhs_qp``
+  None: the kernel's own range is taken here (``own_range_qparams``), whose
+  reduction also gives the kernel's non-finite mark when its blocks are its
+  columns.
   """
   lhs_own_range = lhs_config is not None and (lhs_config.per_channel or lhs_config.group_size is not None)
 
   def dot(lhs, rhs, lhs_qp, rhs_qp):
-    return qat_dot_general(
+    rhs_mark = None
+    if rhs_qp is None and rhs_config is not None:
+      rhs_qp, rhs_mark = own_range_qparams(rhs, rhs_config)
+      (_, rc), _ = dimension_numbers
+      if rhs_mark is not None and set(qparams_lib.reduce_axes(rhs.shape, rhs_config)) != {a % rhs.ndim for a in rc}:
+        rhs_mark = None  # one mark per tensor, not per column
+    return dot_general_with_mark(
       lhs,
       rhs,
       dimension_numbers,
@@ -220,6 +272,7 @@ def quantized_dot_general(
       preferred_element_type=preferred_element_type,
       lhs_may_clip=not lhs_own_range,
       rhs_may_clip=False,
+      rhs_mark=rhs_mark,
     )
 
   return with_out_sharding(dot, out_sharding)(lhs, rhs, lhs_qp, rhs_qp)

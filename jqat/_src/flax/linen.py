@@ -388,7 +388,10 @@ class QatDotGeneral(_QuantOperands, nn.Module):
       return float_dot(lhs, rhs)
 
     lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
-    rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None else None
+    rhs_qp = None
+    if rhs_cfg is not None and (converting or common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg)):
+      rhs_qp = self._rhs_qparams(rhs, rhs_cfg)
+    # Else the kernel's own range is taken in the dot, from the reduction that also finds its NaN columns.
     if converting and rhs_cfg is not None:
       self._write_serving(rhs, rhs_qp, rc, lhs_cfg, rhs_cfg, where)
       self._note_parent_param(rhs)

@@ -476,8 +476,10 @@ class QatDotGeneral(_Quantizer):
       self._observe(lhs)
       return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
     lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
-    rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None else None
-    if common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg):
+    lsq = common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg)
+    # Without LSQ the kernel's own range is taken in the dot, from the reduction that also finds its NaN columns.
+    rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None and lsq else None
+    if lsq:
       # LSQ's scale gradients come from fake_quant; the dot is a float dot of the fake-quantized operands.
       lq = fake_quant(lhs, lhs_qp, lhs_cfg) if lhs_cfg is not None else lhs
       rq = fake_quant(rhs, rhs_qp, rhs_cfg) if rhs_cfg is not None else rhs
