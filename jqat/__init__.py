@@ -26,6 +26,10 @@ from jqat._src.calibration.tree import finalize as finalize
 from jqat._src.calibration.tree import init as init_tree
 from jqat._src.calibration.tree import merge as merge
 from jqat._src.calibration.tree import observe as observe
+from jqat._src.checkpoint import checkpoint_state as checkpoint_state
+from jqat._src.checkpoint import restore_checkpoint as restore_checkpoint
+from jqat._src.checkpoint import restored_state as restored_state
+from jqat._src.checkpoint import save_checkpoint as save_checkpoint
 from jqat._src.config import CalibMethod as CalibMethod
 from jqat._src.config import Estimator as Estimator
 from jqat._src.config import QatConfig as QatConfig
@@ -100,6 +104,7 @@ __all__ = (
     "awq",
     "calibrate_model",
     "check_percentile",
+    "checkpoint_state",
     "dequantize",
     "entropy_amax",
     "entropy_divergences",
@@ -139,6 +144,9 @@ __all__ = (
     "qparams_from_range",
     "qtensor_partition_spec",
     "quantize",
+    "restore_checkpoint",
+    "restored_state",
+    "save_checkpoint",
     "serving_partition_specs",
     "smooth_quant_scales",
     "unpack_int4",

@@ -40,7 +40,8 @@ class Mlp(nn.Module):
       weight_config=jqat.QatConfig(bits=self.bits, per_channel=True),
       activation_config=jqat.QatConfig(bits="int8", symmetric=self.symmetric_activations),
     )
-    return dense(OUT)(nn.relu(dense(HIDDEN)(x)))
+    hidden = dense(HIDDEN)(x)  # built first: Dense_0
+    return dense(OUT)(nn.relu(hidden))
 
 
 def _x(seed=1, batch=BATCH):
@@ -48,16 +49,21 @@ def _x(seed=1, batch=BATCH):
 
 
 def _qat(model, x):
-  v = model.init(jax.random.key(0), x)
-  _, stats = model.apply(v, x, mutable=["quant_stats"])
+  # Under jit: one compiled program instead of the layers' ops one by one.
+  v = jax.jit(model.init)(jax.random.key(0), x)
+  _, stats = jax.jit(lambda v, x: model.apply(v, x, mutable=["quant_stats"]))(v, x)
   return {**v, **stats}
+
+
+def _convert(model, qat, x):
+  return jax.jit(lambda v, x: qnn.convert(model, v, x))(qat, x)
 
 
 @functools.cache
 def _linen(bits: str):
   model, x = Mlp(bits), _x()
   qat = _qat(model, x)
-  return model, qat, qnn.convert(model, qat, x)
+  return model, qat, _convert(model, qat, x)
 
 
 def _nnx_model():
@@ -96,7 +102,7 @@ def test_outputs_equal_the_served_outputs(bits):
   y = np.asarray(exported.call(x))
   assert y.tobytes() == np.asarray(_served(model, served, x)).tobytes()  # bit for bit: the same program
   # ... and it is the integer path: within float rounding of the QAT forward, not the float model.
-  np.testing.assert_allclose(y, model.apply(qat, x), atol=1e-5)
+  np.testing.assert_allclose(y, jax.jit(model.apply)(qat, x), atol=1e-5)
 
 
 def test_variables_are_baked_in_as_constants():
@@ -152,7 +158,7 @@ def test_apply_kwargs_are_baked_in():
       return -y if negate else y
 
   model, x = WithFlag(), _x()
-  served = qnn.convert(model, _qat(model, x), x)
+  served = _convert(model, _qat(model, x), x)
   y = jqat.export(model, served, x, negate=True).call(x)
   assert np.asarray(y).tobytes() == np.asarray(-_served(model, served, x)).tobytes()
 
@@ -190,7 +196,7 @@ def test_other_inputs_are_refused():
 
 def test_variables_of_another_config_name_the_layer():
   model, _, served = _linen("int8")
-  with pytest.raises(ValueError, match=r"at '/Dense_\d/quant': .*hold int8 symmetric per-channel kernel.*expects int4"):
+  with pytest.raises(ValueError, match=r"at '/Dense_0/quant': .*hold int8 symmetric per-channel kernel.*expects int4"):
     jqat.export(Mlp("int4"), served, _x())
 
 
