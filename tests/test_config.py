@@ -170,3 +170,41 @@ def test_public_names_are_the_same_objects():
   assert jqat.QuantBits is QuantBits
   assert jqat.Estimator is Estimator
   assert jqat.CalibMethod is CalibMethod
+
+
+def test_rounding_scale_rule_and_scale_dtype_defaults_and_normalization():
+  from jqat._src.config import Rounding, ScaleRule
+
+  cfg = QatConfig()
+  assert (cfg.rounding, cfg.scale_rule, cfg.scale_dtype, cfg.signed_scale) == (
+    Rounding.HALF_EVEN,
+    ScaleRule.AMAX,
+    None,
+    False,
+  )
+  cfg = QatConfig(bits="int4", rounding="half_up_unsigned", scale_rule="signed_max", scale_dtype=jnp.float16)
+  assert cfg.rounding is Rounding.HALF_UP_UNSIGNED and cfg.scale_rule is ScaleRule.SIGNED_MAX
+  assert cfg.scale_dtype == "float16" and cfg.signed_scale
+  same = QatConfig(bits="int4", rounding=Rounding.HALF_UP_UNSIGNED, scale_rule="signed_max", scale_dtype="float16")
+  assert cfg == same and hash(cfg) == hash(same)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.scale_dtype = "float32"
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "message"),
+  [
+    (dict(rounding="nearest"), "QatConfig.rounding='nearest' is invalid; allowed: 'half_even', 'half_away_from_zero'"),
+    (dict(scale_rule="max"), "QatConfig.scale_rule='max' is invalid; allowed: 'amax', 'amax_exact', 'signed_max'"),
+    (dict(scale_dtype="int8"), "QatConfig.scale_dtype='int8' is invalid; allowed: None, 'float32', 'float16'"),
+    (dict(scale_dtype="float64"), "QatConfig.scale_dtype='float64' is invalid"),
+    (dict(bits="fp8", rounding="half_away_from_zero"), "allowed: 'half_even' for the float format 'fp8_e4m3'"),
+    (dict(bits="fp8", scale_rule="amax_exact"), "allowed: 'amax' for the float format 'fp8_e4m3'"),
+    (dict(symmetric=False, scale_rule="signed_max"), "allowed: 'amax' for an asymmetric config"),
+    (dict(scale_rule="signed_max", narrow_range=True), "QatConfig.narrow_range=True is invalid; allowed: False with"),
+    (dict(scale_rule="signed_max", estimator="lsq"), "QatConfig.estimator='lsq' is invalid; allowed: 'ste' with"),
+  ],
+)
+def test_rounding_scale_rule_and_scale_dtype_validation(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    QatConfig(**kwargs)

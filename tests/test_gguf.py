@@ -233,7 +233,10 @@ def test_round_trip_in_a_fresh_process(tmp_path):
   jqat.gguf.save(warm, {"Q4_0_w": tensors["Q4_0_w"], "f16": tensors["f16"], "bf16": tensors["bf16"]}, {"a": [1]})
   run = subprocess.run(
     [sys.executable, "-c", _ROUND_TRIP, str(path), str(warm), str(tmp_path / "expected.npz")],
-    capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=tmp_path,
   )
   assert run.returncode == 0, run.stderr
   out = json.loads(run.stdout.strip().splitlines()[-1])

@@ -157,3 +157,68 @@ def test_lsq_scale_at_or_below_zero_is_clamped_in_the_forward():
     assert np.isfinite(ds) and ds != 0
   # Eager too: a learned scale is clamped, not refused.
   assert np.all(np.isfinite(jqat.fake_quant(x, QParams(jnp.float32(0.0), jnp.float32(0.0)), cfg)))
+
+
+def _ties_and_randoms(seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  ties = np.arange(-40, 40, dtype=np.float32) / 2  # every k + 0.5 and integer in [-20, 20)
+  near = np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))
+  special = np.float32([0.0, -0.0, np.inf, -np.inf])
+  return np.concatenate([ties, *near, rng.uniform(-9, 9, 2000).astype(np.float32), special])
+
+
+def test_round_half_away_from_zero_is_the_gguf_reference():
+  from gguf.quants import np_roundf
+
+  from jqat._src.config import Rounding
+
+  u = _ties_and_randoms()
+  finite = np.isfinite(u)
+  got = np.asarray(jax.jit(lambda u: numerics.round_units(u, Rounding.HALF_AWAY_FROM_ZERO, -128.0))(u))
+  np.testing.assert_array_equal(got[finite], np_roundf(u[finite]) + 0.0)  # + 0.0: the reference's codes are ints
+  assert (got[finite].view(np.uint32) != np.float32(-0.0).view(np.uint32)).all()  # never -0.0
+  np.testing.assert_array_equal(got[~finite], u[~finite])
+
+
+def test_round_half_up_unsigned_is_llama_cpp_q4_0():
+  from jqat._src.config import Rounding
+
+  u = _ties_and_randoms(1)
+  assert u.dtype == np.float32
+  finite = np.isfinite(u)
+  got = np.asarray(jax.jit(lambda u: numerics.round_units(u, Rounding.HALF_UP_UNSIGNED, -8.0))(u))
+  # llama.cpp: trunc(u + 8.5) in float32, clipped to the code range 0..15, minus 8.
+  ref = np.clip(np.trunc(u + np.float32(8.5)), 0, 15) - 8
+  np.testing.assert_array_equal(np.clip(got, -8, 7)[finite], ref[finite])
+
+
+def test_round_to_dtype_is_the_float16_cast():
+  rng = np.random.default_rng(2)
+  c = np.concatenate(
+    [
+      rng.standard_normal(3000).astype(np.float32) * np.float32(1e-5),  # float16 subnormals
+      rng.standard_normal(3000).astype(np.float32) * np.float32(100),
+      np.float32([65504, 65519.99, 65520, 7e4, -7e4, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 0.0, -0.0, np.inf]),
+    ]
+  )
+  with np.errstate(over="ignore"):  # beyond 65504 the cast gives inf, as it should
+    want = c.astype(np.float16).astype(np.float32)
+  jitted = jax.jit(numerics.round_to_dtype, static_argnums=1)
+  for got in (numerics.round_to_dtype(jnp.asarray(c), jnp.float16), jitted(c, "float16")):
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+  bf = np.asarray(numerics.round_to_dtype(jnp.asarray(c[3000:6000]), jnp.bfloat16))
+  np.testing.assert_array_equal(bf, c[3000:6000].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_scale_dtype_rounds_only_the_dequantization_scale():
+  """Grid units use the computed scale, the output the scale rounded to scale_dtype (a file's fp16 d)."""
+  cfg = QatConfig(bits="int8", scale_dtype="float16")
+  x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, 257), jnp.float32)
+  qp = jqat.qparams_from_array(x, cfg)
+  s16 = np.float32(np.float16(qp.scale))
+  assert s16 != np.float32(qp.scale)  # the test needs a scale float16 does not hold
+  codes = np.clip(np.round(np.asarray(x) * (np.float32(1) / np.asarray(qp.scale))), -128, 127)
+  np.testing.assert_array_equal(jqat.fake_quant(x, qp, cfg), codes * s16)
+  q = jqat.quantize(x, qp, cfg)
+  assert float(q.scale) == s16
+  np.testing.assert_array_equal(jqat.dequantize(q), codes * s16)

@@ -293,3 +293,45 @@ def test_zero_point_is_integer_in_range_and_zero_exact(lo, hi, bits, narrow):
   s = float(qp.scale)
   assert (cfg.qmin - z) * s <= lo + s / 2 * (1 + 1e-5)
   assert (cfg.qmax - z) * s >= hi - s / 2 * (1 + 1e-5)
+
+
+def test_divide_exact_is_the_correctly_rounded_quotient():
+  """Oracle: NumPy's float32 division (IEEE); the plain a * (1 / 127) differs for some values."""
+  rng = np.random.default_rng(0)
+  a = np.abs(rng.standard_normal(20000)).astype(np.float32) * rng.choice([1e-30, 1e-6, 1e-2, 1.0, 1e4, 1e30], 20000)
+  a = np.concatenate([a.astype(np.float32), np.float32([0, 127, 127 * 2.0**-126, np.finfo(np.float32).max])])
+  for n in (127, 7, 15):
+    want = a / np.float32(n)
+    assert (a * (np.float32(1) / np.float32(n)) != want).any() or n == 7
+    for got in (qparams_lib.divide_exact(jnp.asarray(a), n), jax.jit(qparams_lib.divide_exact, static_argnums=1)(a, n)):
+      np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+
+
+def test_amax_exact_scale_rule():
+  cfg = QatConfig(per_channel=True, narrow_range=True, scale_rule="amax_exact")
+  x = np.random.default_rng(1).standard_normal((5, 300)).astype(np.float32)
+  want = np.maximum(np.abs(x).max(0, keepdims=True) / np.float32(127), MIN_SCALE)
+  np.testing.assert_array_equal(qparams_from_array(x, cfg).scale, want)
+  np.testing.assert_array_equal(jax.jit(lambda x: qparams_from_array(x, cfg).scale)(x), want)
+  assert float(qparams_from_range(0.0, 0.0, cfg).scale) == MIN_SCALE
+
+
+def test_signed_max_scale_rule():
+  """scale = m / qmin with m the first value of largest magnitude (NumPy's argmax), non-finite values skipped."""
+  cfg = QatConfig(bits="int4", per_channel=True, group_size=4, scale_rule="signed_max")
+  x = jnp.array(
+    [
+      [3.0, -1.0, 0.0, jnp.nan],
+      [-3.0, 2.0, 0.0, 1.0],
+      [1.0, -2.0, 0.0, 5.0],
+      [0.5, 2.0, 0.0, jnp.inf],
+    ]
+  )
+  np.testing.assert_array_equal(qparams_lib.signed_max(x, cfg), [[3.0, 2.0, 0.0, 5.0]])
+  scale = qparams_from_array(x, cfg).scale
+  np.testing.assert_array_equal(scale, [[-0.375, -0.25, -MIN_SCALE, -0.625]])  # +0 / -8 is -0: the sign kept
+  np.testing.assert_array_equal(qparams_from_array(-jnp.zeros((4, 1)), cfg).scale, [[MIN_SCALE]])
+  # From a range alone the positive end wins a tie.
+  np.testing.assert_array_equal(
+    qparams_from_range(jnp.array([-2.0, -3.0]), jnp.array([2.0, 1.0]), cfg).scale, [-0.25, 0.375]
+  )

@@ -89,8 +89,12 @@ def _round_mantissa(c: jax.Array, dtype) -> jax.Array:
   info = jnp.finfo(dtype)
   mant, emin = int(info.nmant), int(info.minexp)
   normal = lax.reduce_precision(c, exponent_bits=jnp.finfo(c.dtype).nexp, mantissa_bits=mant)
-  # Powers of two: both multiplications are exact.
-  subnormal = jnp.round(c * 2.0 ** (mant - emin)) * 2.0 ** (emin - mant)
+  # Powers of two: the multiplications are exact. Beyond 2^100 the factor is applied in two steps, each a
+  # finite float32 (bfloat16's 2^133 is not).
+  if mant - emin <= 100:
+    subnormal = jnp.round(c * 2.0 ** (mant - emin)) * 2.0 ** (emin - mant)
+  else:
+    subnormal = jnp.round(c * 2.0**-emin * 2.0**mant) * 2.0**-mant * 2.0**emin
   return jnp.where(jnp.abs(c) < 2.0**emin, subnormal, normal)
 
 
