@@ -134,9 +134,9 @@ def test_q4_0_scale_is_signed_and_checked():
   and under jit it gives NaN (never a plausible number)."""
   cfg = jqat.gguf.config("Q4_0")
   w = jnp.zeros((32, 2)).at[3, 0].set(2.0).at[4, 1].set(-2.0)
-  qp = jqat.qparams_from_array(w, cfg)
-  np.testing.assert_array_equal(qp.scale, [[-0.25, 0.25]])
-  np.testing.assert_array_equal(jqat.fake_quant(w, qp, cfg), w)
+  scale, y = jax.jit(lambda w: (jqat.qparams_from_array(w, cfg).scale, _FAKE_QUANT["Q4_0"](w)))(w)
+  np.testing.assert_array_equal(scale, [[-0.25, 0.25]])
+  np.testing.assert_array_equal(y, w)
   bad = jqat.QParams(jnp.zeros((1, 2)), jnp.zeros((1, 2)))
   with pytest.raises(ValueError, match="scale must be nonzero and finite, got 0.0"):
     jqat.fake_quant(w, bad, cfg)
@@ -283,9 +283,9 @@ def test_save_bad_shapes_dtypes_and_metadata(tmp_path):
     jqat.gguf.save(tmp_path / "x.gguf", {"t": _quantize(jnp.ones((64, 2, 2)), cfg)})
   with pytest.raises(ValueError, match=r"'ids' has dtype int32, which jqat does not write"):
     jqat.gguf.save(tmp_path / "x.gguf", {"ids": np.arange(4, dtype=np.int32)})
-  q = _quantize(jnp.ones((32, 2)), cfg)
+  q = _QUANTIZE["Q8_0"](_weights(0))
   with pytest.raises(ValueError, match="scales that float16 does not hold exactly"):
-    jqat.gguf.save(tmp_path / "x.gguf", {"t": q.replace(scale=jnp.full((1, 2), 0.1))})
+    jqat.gguf.save(tmp_path / "x.gguf", {"t": q.replace(scale=jnp.full(q.scale.shape, 0.1))})
   with pytest.raises(ValueError, match="non-finite scales"):
     jqat.gguf.save(tmp_path / "x.gguf", {"t": _QUANTIZE["Q8_0"](jnp.asarray(_weights(0)).at[0, 0].set(jnp.nan))})
   with pytest.raises(ValueError, match="at most 63 bytes"):

@@ -327,8 +327,8 @@ def test_signed_max_scale_rule():
       [0.5, 2.0, 0.0, jnp.inf],
     ]
   )
-  np.testing.assert_array_equal(qparams_lib.signed_max(x, cfg), [[3.0, 2.0, 0.0, 5.0]])
-  scale = qparams_from_array(x, cfg).scale
+  m, scale = jax.jit(lambda x: (qparams_lib.signed_max(x, cfg), qparams_from_array(x, cfg).scale))(x)
+  np.testing.assert_array_equal(m, [[3.0, 2.0, 0.0, 5.0]])
   np.testing.assert_array_equal(scale, [[-0.375, -0.25, -MIN_SCALE, -0.625]])  # +0 / -8 is -0: the sign kept
   np.testing.assert_array_equal(qparams_from_array(-jnp.zeros((4, 1)), cfg).scale, [[MIN_SCALE]])
   # From a range alone the positive end wins a tie.
