@@ -46,14 +46,22 @@ SCHEMES = {
   "w3a16_g128_shared": (C(bits="int3", group_size=128), None, None, "pack-quantized"),
   "w2a16_tensor": (C(bits="int2"), None, None, "pack-quantized"),
   "fp8_static": (C(bits="fp8_e4m3", per_channel=True), C(bits="fp8_e4m3"), STATIC_SYM, "float-quantized"),
-  "fp8_dynamic_bf16": (C(bits="fp8_e4m3", per_channel=True), C(bits="fp8_e4m3", per_channel=True), None,
-                       "float-quantized"),
+  "fp8_dynamic_bf16": (
+    C(bits="fp8_e4m3", per_channel=True),
+    C(bits="fp8_e4m3", per_channel=True),
+    None,
+    "float-quantized",
+  ),
 }
 
 
-def _q(cfg, shape=(256, 8), seed=0, dtype=jnp.float32):
-  w = jax.random.normal(jax.random.key(seed), shape, dtype)
+@functools.partial(jax.jit, static_argnums=1)  # one compilation, not one per primitive: keeps the tests fast
+def _quantize(w, cfg):
   return jqat.quantize(w, jqat.qparams_from_array(w, cfg), cfg)
+
+
+def _q(cfg, shape=(256, 8), seed=0, dtype=jnp.float32):
+  return _quantize(jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype), cfg)
 
 
 def _scheme_layers(scheme) -> dict:
@@ -61,7 +69,7 @@ def _scheme_layers(scheme) -> dict:
   dtype = jnp.bfloat16 if scheme.endswith("bf16") else jnp.float32
   out = {}
   for i, (name, shape) in enumerate((("Dense_0", (256, 32)), ("head", (128, 8)))):
-    bias = jax.random.normal(jax.random.key(10 + i), shape[1:])
+    bias = jnp.asarray(np.random.default_rng(10 + i).standard_normal(shape[1:]), dtype)
     out[name] = jct.Layer(_q(wcfg, shape, seed=i, dtype=dtype), acfg, qp, bias)
   return out
 
@@ -79,7 +87,7 @@ class Mlp(nn.Module):
     return dense(16, name="head")(x)
 
 
-X = jax.random.normal(jax.random.key(0), (16, 256))
+X = jnp.asarray(np.random.default_rng(0).standard_normal((16, 256)), jnp.float32)
 LINEN = {  # scheme: (weight config, activation config, activation= for save)
   "w8a8_static_asym": (C(per_channel=True), C(symmetric=False), None),
   "w8a8_dynamic_token": (C(per_channel=True), C(per_channel=True), C(per_channel=True)),
@@ -87,13 +95,18 @@ LINEN = {  # scheme: (weight config, activation config, activation= for save)
 }
 
 
+def _convert(model, x):
+  # Each step under jit: one compilation instead of one per primitive.
+  v = jax.jit(model.init)(jax.random.key(1), x)
+  _, upd = jax.jit(lambda v, x: model.apply(v, x, mutable=["quant_stats"]))(v, x)  # ranges for the activations
+  return jax.jit(qnn.convert, static_argnums=0)(model, {**v, **upd}, x)
+
+
 @functools.cache
 def _served(scheme):
   wcfg, acfg, _ = LINEN[scheme]
   model = Mlp(wcfg, acfg)
-  v = model.init(jax.random.key(1), X)
-  _, upd = model.apply(v, X, mutable=["quant_stats"])  # a moving average for the frozen activation ranges
-  return model, qnn.convert(model, {**v, **upd}, X)
+  return model, _convert(model, X)
 
 
 def _bits(a) -> np.ndarray:
@@ -126,7 +139,7 @@ def _check(directory, ours: dict, fmt: str):
     # Oracle: compressed-tensors' decompressor gives jqat's dequantized kernel (in float32), in torch's (out, in).
     want = jqat.dequantize(layer.weight.replace(dequant_dtype=jnp.float32)).T
     np.testing.assert_array_equal(_bits(dequantized[f"{name}.weight"].numpy()), _bits(want))
-    np.testing.assert_array_equal(dequantized[f"{name}.bias"].numpy(), np.asarray(layer.bias, np.float32))
+    np.testing.assert_array_equal(dequantized[f"{name}.bias"].float().numpy(), np.asarray(layer.bias, np.float32))
     got = back[name]
     _same_qtensor(got.weight, layer.weight)
     assert got.activation == layer.activation
@@ -136,6 +149,7 @@ def _check(directory, ours: dict, fmt: str):
       np.testing.assert_array_equal(got.input_qparams.scale, layer.input_qparams.scale)
       np.testing.assert_array_equal(got.input_qparams.zero_point, layer.input_qparams.zero_point)
     np.testing.assert_array_equal(got.bias, layer.bias)
+    assert got.bias.dtype == jnp.asarray(layer.bias).dtype
   return config
 
 
@@ -182,8 +196,11 @@ def test_files_hold_what_the_packages_compressor_writes(scheme, tmp_path):
   compressor = BaseCompressor.get_value_from_registry(fmt)
   for name, layer in ours.items():
     zp = np.asarray(layer.weight.zero_point).T.astype(np.int8)
-    state = {"weight": dequantized[f"{name}.weight"], "weight_scale": saved[f"{name}.weight_scale"],
-             "weight_zero_point": torch.from_numpy(zp.copy())}
+    state = {
+      "weight": dequantized[f"{name}.weight"],
+      "weight_scale": saved[f"{name}.weight_scale"],
+      "weight_zero_point": torch.from_numpy(zp.copy()),
+    }
     theirs = compressor.compress(state, scheme_obj)
     assert set(theirs) == {k.removeprefix(name + ".") for k in saved if k.startswith(name + ".weight")}
     for key, t in theirs.items():
@@ -202,8 +219,7 @@ class NnxMlp(nnx.Module):
 
 def test_nnx_model_with_names(tmp_path):
   model = NnxMlp(nnx.Rngs(0))
-  model(X)
-  jqat.nnx.convert(model)
+  jqat.nnx.convert(model)  # per-token and weight-only layers need no activation statistics
   names = {"blocks.0": "model.layers.0.up_proj", "out": "lm_head"}
   config = QuantizationConfig.model_validate(jct.save(tmp_path, model, names=names))
   assert config.format == "mixed-precision"
@@ -308,6 +324,21 @@ def test_bad_model_variables(tmp_path):
     jct.save(tmp_path, served, activation=C(per_channel=True, symmetric=False), names={"Dense_0": "a"})
   with pytest.raises(TypeError, match="got int"):
     jct.save(tmp_path, 3)
+
+
+class EmbedMlp(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    embed = qnn.QatEmbed(50, 16, name="embed")
+    return embed.attend(qnn.QatDense(16, activation_config=None, name="proj")(embed(ids)))
+
+
+def test_layers_that_are_not_dense_can_be_left_out(tmp_path):
+  served = _convert(EmbedMlp(), jnp.arange(8).reshape(2, 4))
+  with pytest.raises(ValueError, match="layer 'embed'.*the quantized parameter is 'embedding', not a Dense kernel"):
+    jct.save(tmp_path, served)
+  jct.save(tmp_path, served, names={"embed": None, "proj": "model.proj"})
+  assert sorted(jct.load(tmp_path)) == ["model.proj"]
 
 
 # --- reading bad files -----------------------------------------------------------------------------------------------

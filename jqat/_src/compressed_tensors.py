@@ -10,20 +10,19 @@ classes and written by its ``ModelCompressor.update_config``; an existing
 Each quantized layer ``name`` becomes a torch ``Linear``'s tensors, weights in
 torch's ``(out, in)`` order (a Flax kernel is ``(in, out)``):
 
-========================  =======================================================
-``name.weight``           int8 codes (``int-quantized``, with int activations),
-                          or float8_e4m3fn values (fp8)
-``name.weight_packed``    int32 words, ``32 / bits`` codes each, along the input
-                          features (``pack-quantized``: weight-only int2..int8)
-``name.weight_shape``     int64 ``[out, in]`` (``pack-quantized``)
-``name.weight_scale``     float32: ``(1,)`` per tensor, ``(out, 1)`` per channel,
-                          ``(out, in / group_size)`` per group
-``name.weight_zero_point``int8 (asymmetric weights; ``pack-quantized`` packs it
-                          along the output features)
-``name.input_scale``      float32 ``(1,)``: a frozen per-tensor activation range
-``name.input_zero_point`` int8 ``(1,)``: its zero point (asymmetric)
-``name.bias``             the layer's float bias, when it has one
-========================  =======================================================
+* ``name.weight``: int8 codes (``int-quantized``, with integer activations)
+  or float8_e4m3fn values (fp8);
+* or ``name.weight_packed``: int32 words of ``32 / bits`` codes each along
+  the input features, and ``name.weight_shape``, int64 ``[out, in]``
+  (``pack-quantized``: weight-only int2 .. int8);
+* ``name.weight_scale``: float32, ``(1,)`` per tensor, ``(out, 1)`` per
+  channel, ``(out, in / group_size)`` per group;
+* ``name.weight_zero_point``: int8, for asymmetric weights
+  (``pack-quantized`` packs it along the output features);
+* ``name.input_scale`` (float32 ``(1,)``) and, when asymmetric,
+  ``name.input_zero_point`` (int8 ``(1,)``): a frozen per-tensor activation
+  range;
+* ``name.bias``: the layer's float bias, when it has one.
 
 The storage format of each group of layers is the one ``compressed-tensors``
 infers for its scheme (``infer_module_format``): int8 weights with int8
@@ -183,26 +182,37 @@ def _linen_layers(variables: Mapping, activation) -> dict[str, tuple[str, Layer,
   ops = sorted({p[:-2] for p in flat if len(p) >= 2 and p[-2] == "rhs" and p[-1] == "values"})
   out = {}
   for op in ops:
-    where = f"layer '{_dotted(op[:-1] or op)}' (serving/{'/'.join(map(str, op))})"
-    rhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("rhs",)}
-    lhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("lhs",)}
-    if op + ("input_scale",) in flat:
-      raise _input_scale_error(where)
-    weight = _weight_qtensor(where, rhs)
-    if lhs:
-      act, qp = _activation_of(where, lhs)
-    else:
-      act = activation(_dotted(op[:-1] or op)) if callable(activation) else activation
-      qp = None
-    bias = params.get(op[:-1] + ("bias",))
-    out[_dotted(op)] = (_dotted(op[:-1] or op), Layer(weight, act, qp, bias), "sums" in rhs)
+    default = _dotted(op[:-1] or op)
+    try:
+      layer = _linen_layer(op, flat, params, activation, f"layer '{default}' (serving/{'/'.join(map(str, op))})")
+    except ValueError as e:  # raised by layers() unless names= leaves the layer out
+      layer = e
+    out[_dotted(op)] = (default, layer, "sums" in {p[-1] for p in flat if p[:-1] == op + ("rhs",)})
   return out
+
+
+def _linen_layer(op: tuple, flat: dict, params: dict, activation, where: str) -> Layer:
+  from flax.core import meta  # noqa: PLC0415
+
+  rhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("rhs",)}
+  replaced = sorted(p[-1] for p in flat if p[:-1] == op[:-1] + ("replaced",))
+  if replaced and "kernel" not in replaced:
+    raise _not_dense_error(where, replaced[0])
+  if op + ("input_scale",) in flat:
+    raise _input_scale_error(where)
+  weight = _weight_qtensor(where, rhs)
+  lhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("lhs",)}
+  if lhs:
+    act, qp = _activation_of(where, lhs)
+  else:
+    act = activation(_dotted(op[:-1] or op)) if callable(activation) else activation
+    qp = None
+  return Layer(weight, act, qp, meta.unbox(params.get(op[:-1] + ("bias",))))
 
 
 def _nnx_layers(model) -> dict[str, tuple[str, Layer, bool]]:
   from flax import nnx  # noqa: PLC0415
 
-  from jqat._src.flax import common  # noqa: PLC0415
   from jqat._src.flax import nnx as qnnx  # noqa: PLC0415
 
   modules = dict(nnx.iter_modules(model))
@@ -212,21 +222,39 @@ def _nnx_layers(model) -> dict[str, tuple[str, Layer, bool]]:
       continue
     layer_path = path[:-1] or path
     where = f"layer '{_dotted(layer_path)}' ({type(m).__name__} at {_dotted(path)})"
-    if getattr(m, "input_scale", None) is not None:
-      raise _input_scale_error(where)
-    rhs = m.rhs_serving.get_value()
-    weight = _weight_qtensor(where, rhs)
-    lhs = m.lhs_serving.get_value() if m.lhs_serving is not None else None
-    if lhs is not None:
-      act, qp = _activation_of(where, lhs)
-    else:
-      act = m.lhs_config if common.is_dynamic(m.lhs_config) else None
-      qp = None
-    parent = modules.get(path[:-1])
-    bias = getattr(parent, "bias", None) if parent is not None and path else None
-    bias = bias.get_value() if isinstance(bias, nnx.Variable) else bias
-    out[_dotted(path)] = (_dotted(layer_path), Layer(weight, act, qp, bias), "sums" in rhs)
+    try:
+      layer = _nnx_layer(m, modules.get(path[:-1]) if path else None, where)
+    except ValueError as e:  # raised by layers() unless names= leaves the layer out
+      layer = e
+    out[_dotted(path)] = (_dotted(layer_path), layer, "sums" in m.rhs_serving.get_value())
   return out
+
+
+def _nnx_layer(m, parent, where: str) -> Layer:
+  from flax import nnx  # noqa: PLC0415
+
+  from jqat._src.flax import common  # noqa: PLC0415
+
+  if getattr(m, "input_scale", None) is not None:
+    raise _input_scale_error(where)
+  if parent is not None and hasattr(parent, "embedding") and not hasattr(parent, "kernel"):
+    raise _not_dense_error(where, "embedding")
+  weight = _weight_qtensor(where, m.rhs_serving.get_value())
+  lhs = m.lhs_serving.get_value() if m.lhs_serving is not None else None
+  if lhs is not None:
+    act, qp = _activation_of(where, lhs)
+  else:
+    act = m.lhs_config if common.is_dynamic(m.lhs_config) else None
+    qp = None
+  bias = getattr(parent, "bias", None) if parent is not None else None
+  return Layer(weight, act, qp, bias.get_value() if isinstance(bias, nnx.Variable) else bias)
+
+
+def _not_dense_error(where: str, param: str) -> ValueError:
+  return ValueError(
+    f"{where}: the quantized parameter is '{param}', not a Dense kernel; compressed-tensors' Linear layers hold "
+    "Dense kernels (leave this layer out with names=)."
+  )
 
 
 def _input_scale_error(where: str) -> ValueError:
@@ -259,15 +287,19 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
       models, say it themselves.
     names: None, a mapping from the default name (the Flax path with dots,
       without the quantized op) to the name to write, or a function of the
-      default name that returns the name, or None to leave the layer out.
+      default name that returns it. A name of None leaves the layer out (e.g.
+      an embedding table or a conv, which compressed-tensors' Linear layers
+      cannot hold).
 
   Returns:
-    ``{name: Layer}`` in the order of the names.
+    ``{name: Layer}``, in the order of the layers' Flax paths.
 
   Raises:
     ValueError: for variables that are not converted, two layers with one
-      name, a name the mapping lacks, or a layer whose variables contradict
-      ``activation``.
+      name, a name the mapping lacks, a layer whose variables contradict
+      ``activation``, or a layer that is not a Dense layer (an embedding, a
+      conv, a kernel of other than two axes, an AWQ input divisor) and that
+      ``names`` does not leave out.
     TypeError: for an input of another kind.
 
   Examples:
@@ -306,6 +338,8 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
     name = _rename(default, names)
     if name is None:
       continue
+    if isinstance(layer, ValueError):
+      raise layer
     if sums and (layer.activation is None or layer.activation.symmetric):
       raise ValueError(
         f"layer '{default}': its serving variables hold column sums, so it was converted for asymmetric "
@@ -379,7 +413,7 @@ def _weight_args(name: str, q: QTensor) -> dict:
     if in_features % cfg.group_size:
       raise ValueError(f"{where}: {in_features} input features do not split into groups of {cfg.group_size}.")
     args.update(strategy="group", group_size=cfg.group_size)
-  elif cfg.per_channel and out_features >= 1:
+  elif cfg.per_channel:
     args.update(strategy="channel")
   else:
     args.update(strategy="tensor")
