@@ -219,6 +219,37 @@ def test_stock_layer_with_injected_op_round_trips(tmp_path):
     assert np.asarray(_apply(model)(restored, x)).tobytes() == np.asarray(_apply(model)(served, x)).tobytes()
 
 
+def _nnx_served(bits, abstract=False):
+  from flax import nnx
+
+  def build():
+    model = nnx.Sequential(
+      jqat.nnx.QatDense(IN, HIDDEN, rngs=nnx.Rngs(0)),
+      nnx.relu,
+      jqat.nnx.QatDense(HIDDEN, OUT, weight_config=jqat.QatConfig(bits=bits, per_channel=True), rngs=nnx.Rngs(1)),
+    )
+    model(_x())
+    jqat.nnx.convert(model)
+    return model
+
+  # Built under nnx.jit (one program, not op by op), or only its shapes.
+  return nnx.eval_shape(build) if abstract else nnx.jit(build)()
+
+
+def test_nnx_state_round_trips_into_a_converted_model(tmp_path):
+  from flax import nnx
+
+  model = _nnx_served("int4")
+  path = _save(tmp_path / "ckpt", nnx.state(model))
+  target = _nnx_served("int4", abstract=True)  # the shapes of a converted model of the same configs
+  restored = jqat.restore_checkpoint(path, nnx.state(target))
+  assert _bits(restored) == _bits(nnx.state(model))
+  nnx.update(target, restored)
+  assert _bits(nnx.state(target)) == _bits(nnx.state(model))
+  with pytest.raises(ValueError, match=r"/2/dot_general/rhs_serving/value/values: the checkpoint holds uint8 \(8, 4\)"):
+    jqat.restore_checkpoint(path, nnx.state(_nnx_served("int8", abstract=True)))
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 

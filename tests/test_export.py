@@ -66,12 +66,17 @@ def _linen(bits: str):
   return model, qat, _convert(model, qat, x)
 
 
-def _nnx_model():
-  model = nnx.Sequential(
-    jqat.nnx.QatDense(IN, HIDDEN, rngs=nnx.Rngs(0)), nnx.relu, jqat.nnx.QatDense(HIDDEN, OUT, rngs=nnx.Rngs(1))
-  )
-  model(_x())  # moving-average activation ranges
-  return model
+def _nnx_model(convert=False):
+  def build():
+    model = nnx.Sequential(
+      jqat.nnx.QatDense(IN, HIDDEN, rngs=nnx.Rngs(0)), nnx.relu, jqat.nnx.QatDense(HIDDEN, OUT, rngs=nnx.Rngs(1))
+    )
+    model(_x())  # moving-average activation ranges
+    if convert:
+      jqat.nnx.convert(model)
+    return model
+
+  return nnx.jit(build)()  # one compiled program instead of the layers' ops one by one
 
 
 def _served(model, served, x):
@@ -137,7 +142,7 @@ def test_lowers_for_cpu_cuda_and_tpu():
 def test_nnx_module():
   model = _nnx_model()
   x = _x(seed=3)
-  y_qat = model(x)
+  y_qat = nnx.jit(lambda m, x: m(x))(model, x)
   jqat.nnx.convert(model)
   before = jax.tree.map(np.asarray, nnx.state(model))
   exported = jqat.export(model, x)  # the module holds its variables: the example inputs follow it
@@ -230,8 +235,7 @@ def test_round_trip_in_a_process_without_jqat_or_flax(tmp_path):
   for bits in ("int8", "int4", "fp8_e4m3"):
     model, _, served = _linen(bits)
     cases[f"linen_{bits}"] = (jqat.export(model, served, x), _served(model, served, x))
-  nnx_model = _nnx_model()
-  jqat.nnx.convert(nnx_model)
+  nnx_model = _nnx_model(convert=True)
   cases["nnx_int8"] = (jqat.export(nnx_model, x), nnx.jit(lambda m, x: m(x))(nnx_model, x))
   np.save(tmp_path / "x.npy", np.asarray(x))
   for name, (exported, y) in cases.items():
