@@ -387,6 +387,18 @@ def restore_checkpoint(path: str | os.PathLike, target: Any = None) -> Any:
       file); when a concrete target's ``layout`` differs (a model converted
       with other quantization configs); or when the checkpoint has no jqat
       record. Orbax's own error when a file is missing or truncated.
+
+  Examples:
+    >>> import os, tempfile, jax, jax.numpy as jnp, jqat
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> jqat.save_checkpoint(path, {"dense": {"values": jnp.zeros((4, 3), jnp.int8)}})
+    >>> target = {"dense": {"values": jax.ShapeDtypeStruct((4, 3), jnp.int8)}}
+    >>> jqat.restore_checkpoint(path, target)["dense"]["values"].shape
+    (4, 3)
+    >>> jqat.restore_checkpoint(path, {"dense": {"values": jax.ShapeDtypeStruct((4, 6), jnp.int8)}})
+    Traceback (most recent call last):
+    ...
+    ValueError: jqat.restore_checkpoint: /dense/values: the checkpoint holds int8 (4, 3), the target expects int8 ...
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
