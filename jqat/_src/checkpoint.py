@@ -10,7 +10,7 @@ here, because Orbax does not do them:
   files without a word, and casts an array to whatever dtype the restore
   target asks for;
 - shapes and dtypes checked against the restore target before reading,
-  naming the variable and both shapes (Orbax names neither);
+  naming the variable and both shapes (Orbax's own error names no variable);
 - ``ConvertedParam`` boxes (the zero-byte place of a float kernel that
   ``jqat.linen.convert`` replaced in a stock Flax layer) saved as a small
   record: Orbax cannot save zero-size arrays.
