@@ -9,7 +9,8 @@ Models (Flax linen, each jitted as ``loss -> grad -> optax.adam update``):
   activations int8 asymmetric per tensor with moving-average ranges).
 * ``block``: a pre-LN transformer block, d=512, 8 heads, MLP 2048, sequence
   128, batch 16. QAT injects ``jqat.linen.QatDotGeneral`` into the attention
-  projections and uses ``QatDense`` in the MLP.
+  projections and uses ``QatDense`` in the MLP. (``block12``, twelve such
+  blocks, is used by ``compare_peers.py`` for compile times.)
 
 The QAT step runs the integer dot in its forward (int8 x int8 -> int32) and
 the straight-through float gradient in its backward. Each figure is the
@@ -69,6 +70,24 @@ class Block(nn.Module):
     return x + dense(d)(nn.gelu(dense(4 * d)(h)))
 
 
+class Stack(nn.Module):
+  """``depth`` transformer blocks in sequence (to show how compile time grows with depth)."""
+
+  quant: bool = False
+  depth: int = 12
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = Block(quant=self.quant)(x)
+    return x
+
+
+def float_model(name: str) -> nn.Module:
+  """The float model of ``name``: ``"mlp"``, ``"block"`` or ``"block12"`` (12 blocks)."""
+  return {"mlp": Mlp, "block": Block, "block12": Stack}[name]()
+
+
 def make_step(model, loss_fn, opt):
   @jax.jit
   def step(params, stats, opt_state, x, y):
@@ -105,11 +124,11 @@ def setup(name: str, quant: bool, opt):
     y = jax.random.randint(jax.random.fold_in(key, 1), (256,), 0, 10)
     loss_fn = lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
   else:
-    model = Block(quant=quant)
+    model = Block(quant=quant) if name == "block" else Stack(quant=quant)
     x = jax.random.normal(key, (16, 128, 512))
     y = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
     loss_fn = lambda out, y: jnp.mean((out - y) ** 2)
-  v = model.init(jax.random.key(1), x)
+  v = jax.jit(model.init)(jax.random.key(1), x)
   params, stats = v["params"], v.get("quant_stats", {})
   return make_step(model, loss_fn, opt), (params, stats, opt.init(params)), x, y
 

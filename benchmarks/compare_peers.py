@@ -1,6 +1,6 @@
-"""jqat side by side with Qwix and AQT: QAT step, serving, quantization error, accuracy.
+"""jqat side by side with Qwix and AQT: QAT step, compile time, serving, quantization error, accuracy.
 
-Run: ``python benchmarks/compare_peers.py [--quick] [--json PATH]``
+Run: ``python benchmarks/compare_peers.py [--quick] [--json PATH] [--sections qat_step,compile] [--rounds N]``
 (the peers: ``pip install -e .[bench]``; a peer that is not installed is
 reported as skipped).
 
@@ -19,6 +19,10 @@ is the median of ``reps`` jitted calls after warm-up; a figure is the best of
   ``config.fully_quantized(fwd_bits=8, bwd_bits=None)`` injected as
   ``dot_general_cls`` into every ``Dense`` / ``DenseGeneral``. The attention
   score and value einsums stay in float everywhere.
+* **Compile time**: ``jax.jit(step).lower(...).compile()`` of the same QAT
+  steps (tracing included, JAX's caches cleared before each), for the MLP,
+  the block and a stack of 12 blocks (``block12``) to show how it grows
+  with depth.
 * **Serving**: ``x @ w`` for the shapes of ``bench_serving.py``: float32, the
   raw ``int8 x int8 -> int32`` dot, jqat w8a8 (activations quantized in the
   call, per tensor; weights prepared per channel, ``int_matmul``) and
@@ -84,13 +88,18 @@ class Settings:
   float_steps: int
   qat_steps: int
   accuracy_bits: tuple[int, ...]
+  compile_models: tuple[str, ...] = ("mlp", "block", "block12")
 
 
 SHAPES = bench_serving.SHAPES
-QUICK = Settings(reps=15, rounds=2, models=("mlp",), shapes=SHAPES, float_steps=100, qat_steps=50, accuracy_bits=(8,))
+QUICK = Settings(
+  reps=15, rounds=2, models=("mlp",), shapes=SHAPES, float_steps=100, qat_steps=50, accuracy_bits=(8,),
+  compile_models=("mlp",),
+)  # fmt: skip
 FULL = Settings(
   reps=15, rounds=3, models=("mlp", "block"), shapes=SHAPES, float_steps=400, qat_steps=200, accuracy_bits=(8, 4)
 )
+SECTIONS = ("qat_step", "compile", "serving", "quant_error", "accuracy")
 
 
 # --- peers ------------------------------------------------------------------------
@@ -217,24 +226,58 @@ def _loss(name: str):
   return lambda out, y: jnp.mean((out - y) ** 2)
 
 
+def qat_steps(name: str, versions: dict, opt) -> tuple[dict, jax.Array, jax.Array]:
+  """{library: (jitted step, state)} for model ``name``, and its batch ``(x, y)``; peers not installed left out.
+
+  float: the stock model; jqat: the model written with jqat's layers
+  (``bench_qat_step.setup``); the peers: ``qat_model`` of the stock model.
+  """
+  float_model = bench_qat_step.float_model(name)
+  _, _, x, y = bench_qat_step.setup(name, False, opt)
+  steps = {}
+  for lib in QAT_LIBS:
+    if versions.get(lib, "installed") is None:
+      continue
+    if lib == "jqat":
+      step, state, _, _ = bench_qat_step.setup(name, True, opt)
+    else:
+      model = qat_model(lib, float_model)
+      v = jax.jit(model.init)(jax.random.key(1), x)
+      params, stats = v["params"], v.get("quant_stats", {})
+      step, state = bench_qat_step.make_step(model, _loss(name), opt), (params, stats, opt.init(params))
+    steps[lib] = (step, state)
+  return steps, x, y
+
+
 def bench_qat_steps(settings: Settings, versions: dict) -> dict:
   opt = optax.adam(1e-4)
   results = {}
   for name in settings.models:
-    float_model = bench_qat_step.Mlp() if name == "mlp" else bench_qat_step.Block()
-    _, _, x, y = bench_qat_step.setup(name, False, opt)
-    runs = {}
-    for lib in QAT_LIBS:
-      if versions.get(lib, "installed") is None:
-        continue
-      if lib == "jqat":
-        step, state, _, _ = bench_qat_step.setup(name, True, opt)
-      else:
-        model = qat_model(lib, float_model)
-        v = model.init(jax.random.key(1), x)
-        params, stats = v["params"], v.get("quant_stats", {})
-        step, state = bench_qat_step.make_step(model, _loss(name), opt), (params, stats, opt.init(params))
-      runs[lib] = functools.partial(bench_qat_step.median_ms, step, state, x, y, settings.reps)
+    steps, x, y = qat_steps(name, versions, opt)
+    runs = {
+      lib: functools.partial(bench_qat_step.median_ms, step, state, x, y, settings.reps)
+      for lib, (step, state) in steps.items()
+    }
+    timed = ratio_row(interleaved(runs, settings.rounds), "float")
+    results[name] = {lib: timed.get(lib, SKIPPED) for lib in QAT_LIBS}
+  return results
+
+
+def compile_ms(step, state, x, y) -> float:
+  """Milliseconds of ``jax.jit(step).lower(...).compile()``, tracing included, with JAX's caches cleared first."""
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  jax.jit(step).lower(*state, x, y).compile()
+  return (time.perf_counter() - t0) * 1e3
+
+
+def bench_compile(settings: Settings, versions: dict) -> dict:
+  """Compile time of each library's QAT step, ``{model: ratio_row}`` against float, best of ``rounds``."""
+  opt = optax.adam(1e-4)
+  results = {}
+  for name in settings.compile_models:
+    steps, x, y = qat_steps(name, versions, opt)
+    runs = {lib: functools.partial(compile_ms, step, state, x, y) for lib, (step, state) in steps.items()}
     timed = ratio_row(interleaved(runs, settings.rounds), "float")
     results[name] = {lib: timed.get(lib, SKIPPED) for lib in QAT_LIBS}
   return results
@@ -457,6 +500,13 @@ def _best_marks(values: dict, lower_is_better: bool = True) -> dict:
   return {k: format(v, ".4e") == format(best, ".4e") for k, v in nums.items()}
 
 
+_LABELS = {
+  "mlp": "MLP 784-1024-1024-10, batch 256",
+  "block": "transformer block d=512, 8 heads, seq 128, batch 16",
+  "block12": "12 transformer blocks d=512, seq 128, batch 16",
+}
+
+
 def markdown(results: dict) -> str:
   """The README tables for ``results`` (as returned by ``run``); skipped peers show as "skipped"."""
   meta = results.get("meta", {})
@@ -476,13 +526,27 @@ def markdown(results: dict) -> str:
       "| model | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
       "|---|---:|---:|---:|---:|---:|",
     ]
-    labels = {"mlp": "MLP 784-1024-1024-10, batch 256", "block": "transformer block d=512, 8 heads, seq 128, batch 16"}
     for name, row in results["qat_step"].items():
       cells = [_fmt(row["float"]["ms"], ".1f")]
       for lib in QAT_LIBS[1:]:
         r = row.get(lib, SKIPPED)
         cells.append(r if isinstance(r, str) else f"{r['ms']:.1f} ({r['ratio']:.2f}x)")
-      lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
+      lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines.append("")
+  if "compile" in results:
+    lines += [
+      "**QAT step compile time** (`jax.jit(step).lower(...).compile()`, tracing included; s, ratio to float; "
+      "best of rounds)",
+      "",
+      "| compiled step | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
+      "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in results["compile"].items():
+      cells = [_fmt(row["float"]["ms"] / 1e3, ".2f")]
+      for lib in QAT_LIBS[1:]:
+        r = row.get(lib, SKIPPED)
+        cells.append(r if isinstance(r, str) else f"{r['ms'] / 1e3:.2f} ({r['ratio']:.2f}x)")
+      lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines.append("")
   if "serving" in results:
     variants = [v for v in next(iter(results["serving"].values()))]
@@ -531,7 +595,7 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def run(settings: Settings, sections: Sequence[str] = ("qat_step", "serving", "quant_error", "accuracy")) -> dict:
+def run(settings: Settings, sections: Sequence[str] = SECTIONS) -> dict:
   versions = available_libs()
   results = {
     "meta": {
@@ -547,6 +611,8 @@ def run(settings: Settings, sections: Sequence[str] = ("qat_step", "serving", "q
   t0 = time.perf_counter()
   if "qat_step" in sections:
     results["qat_step"] = bench_qat_steps(settings, versions)
+  if "compile" in sections:
+    results["compile"] = bench_compile(settings, versions)
   if "serving" in sections:
     results["serving"] = bench_serving_shapes(settings, versions)
   if "quant_error" in sections:
@@ -566,11 +632,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   parser.add_argument("--json", type=str, default=None, help="write the results to this file")
   parser.add_argument(
-    "--sections", type=str, default="qat_step,serving,quant_error,accuracy", help="comma-separated subset"
+    "--sections", type=str, default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS)
   )
+  parser.add_argument("--rounds", type=int, default=None, help="rounds of every timing (default: 3, --quick 2)")
+  parser.add_argument("--reps", type=int, default=None, help="calls per timed median (default 15)")
   args = parser.parse_args(argv)
+  sections = tuple(args.sections.split(","))
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    parser.error(f"--sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}")
   settings = QUICK if args.quick else FULL
-  results = run(settings, tuple(args.sections.split(",")))
+  changes = {k: v for k, v in (("rounds", args.rounds), ("reps", args.reps)) if v is not None}
+  settings = dataclasses.replace(settings, **changes)
+  results = run(settings, sections)
   results["meta"]["command"] = "python benchmarks/compare_peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
   print(markdown(results))
   if args.json:

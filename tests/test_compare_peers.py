@@ -119,6 +119,37 @@ def test_serving_section_measures_ratios_against_its_own_float_run(cp):
     assert v["ratio"] == pytest.approx(v["ms"] / timed["float32"]["ms"], rel=1e-12)
 
 
+def test_compile_section_times_each_step_against_float(cp, monkeypatch):
+  # Real jitted steps of a small float and jqat layer (the benchmark's models take seconds to compile).
+  import optax
+
+  import jqat
+
+  opt, x, y = optax.sgd(0.1), jnp.ones((4, 8)), jnp.zeros((4, 3))
+
+  def small_steps(name, versions, opt=opt):
+    assert name == "small"
+    steps = {}
+    for lib, model in (("float", cp.nn.Dense(3)), ("jqat", jqat.linen.QatDense(3))):
+      v = model.init(jax.random.key(0), x)
+      step = cp.bench_qat_step.make_step(model, lambda out, y: jnp.mean((out - y) ** 2), opt)
+      steps[lib] = (step, (v["params"], v.get("quant_stats", {}), opt.init(v["params"])))
+    return steps, x, y
+
+  monkeypatch.setattr(cp, "qat_steps", small_steps)
+  settings = cp.Settings(reps=1, rounds=1, models=(), shapes=(), float_steps=0, qat_steps=0, accuracy_bits=(),
+                         compile_models=("small",))  # fmt: skip
+  row = cp.bench_compile(settings, JQAT_ONLY)["small"]
+  assert row["jqat-sym"] == row["qwix"] == row["aqt"] == cp.SKIPPED
+  assert row["float"]["ratio"] == 1.0 and row["jqat"]["ms"] > 0
+  assert row["jqat"]["ratio"] == pytest.approx(row["jqat"]["ms"] / row["float"]["ms"], rel=1e-12)
+
+
+def test_main_rejects_an_unknown_section(cp):
+  with pytest.raises(SystemExit):
+    cp.main(["--sections", "qat_step,compile_time"])
+
+
 def _tables(text: str) -> dict[str, list[list[str]]]:
   """Every markdown table of ``text`` as rows of stripped cells, keyed by its header's first cell."""
   tables, current = {}, None
@@ -145,6 +176,8 @@ def test_markdown_tables_show_the_results_they_are_given(cp):
              "versions": JQAT_ONLY, "command": "python benchmarks/compare_peers.py --quick", "wall_s": 12.0},
     "qat_step": {"mlp": {"float": {"ms": 10.0, "ratio": 1.0}, "jqat": {"ms": 9.0, "ratio": 0.9},
                          "jqat-sym": {"ms": 8.5, "ratio": 0.85}, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
+    "compile": {"block12": cp.ratio_row({"float": 2000.0, "jqat": 2500.0, "jqat-sym": 2400.0}, "float")
+                | {"qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
     "serving": {"8x16x16": cp.ratio_row({"float32": 1.0, "jqat w8a8": 0.5}, "float32") | {"qwix w8a8": cp.SKIPPED}},
     "quant_error": {"int8": {"tensor": {"jqat": 0.01, "qwix": 0.02, "aqt": cp.SKIPPED}}},
     "accuracy": {"float": 0.97, "w8a8": {"jqat": 0.975, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
@@ -152,7 +185,7 @@ def test_markdown_tables_show_the_results_they_are_given(cp):
   text = cp.markdown(results)
   assert "qwix skipped (not installed)" in text
   tables = _tables(text)
-  assert set(tables) == {"model", "(M, K, N)", "format", "QAT"}
+  assert set(tables) == {"model", "compiled step", "(M, K, N)", "format", "QAT"}
   for rows in tables.values():
     assert len({len(r) for r in rows}) == 1, rows  # every row has the header's columns
   # QAT step: float ms, then "ms (ratio)" per library in QAT_LIBS order; the ratio is ms / float ms.
@@ -166,6 +199,10 @@ def test_markdown_tables_show_the_results_they_are_given(cp):
     else:
       ms, ratio = _timed(cell)
       assert ms == r["ms"] and ratio == pytest.approx(ms / 10.0, abs=0.005)  # printed to 2 decimals
+  # Compile time: seconds, then "s (ratio)" per library, the ratio against float.
+  (row,) = tables["compiled step"][1:]
+  assert row[0].startswith("12 transformer blocks") and float(row[1]) == 2.0
+  assert [_timed(c) for c in row[2:4]] == [(2.5, 1.25), (2.4, 1.2)] and row[4:] == [cp.SKIPPED, cp.SKIPPED]
   # Serving: one column per variant, same rule.
   header, (row,) = tables["(M, K, N)"][0], tables["(M, K, N)"][1:]
   assert [int(v) for v in row[0].split(",")] == [8, 16, 16]
