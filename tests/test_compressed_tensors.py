@@ -1,5 +1,6 @@
 """compressed-tensors checkpoints: checked by the compressed-tensors package's own config classes and decompressor."""
 
+import collections
 import functools
 import json
 import os
@@ -207,6 +208,39 @@ def test_files_hold_what_the_packages_compressor_writes(scheme, tmp_path):
       assert torch.equal(t, saved[f"{name}.{key}"]), key
 
 
+def test_loads_a_checkpoint_the_package_compressed(tmp_path):
+  # A bf16 torch model quantized with the package's presets (W4A16 and W8A8) and compressed by it, as LLM
+  # Compressor writes checkpoints: jqat reads the same weights as the package's decompressor, bit for bit.
+  from compressed_tensors.compressors import compress_module
+  from compressed_tensors.compressors.model_compressors import ModelCompressor
+  from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+  from safetensors.torch import save_file
+
+  torch.manual_seed(0)
+  layers = {"proj": torch.nn.Linear(256, 32), "fc": torch.nn.Linear(32, 8)}
+  model = torch.nn.Sequential(collections.OrderedDict(layers)).to(torch.bfloat16)
+  qconfig = QuantizationConfig(config_groups={"W4A16": ["re:proj"], "W8A8": ["re:fc"]})
+  apply_quantization_config(model, qconfig)
+  w = model.proj.weight.data.float()
+  model.proj.weight_scale.data = (w.reshape(32, 2, 128).abs().amax(-1) / 7).to(torch.bfloat16)  # calibrated
+  model.fc.weight_scale.data = (model.fc.weight.data.float().abs().amax(-1, keepdim=True) / 127).to(torch.bfloat16)
+  for m in model.modules():
+    compress_module(m)
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+  qconfig.quantization_status = QuantizationStatus.COMPRESSED
+  ModelCompressor(quantization_config=qconfig).update_config(str(tmp_path))
+  dequantized = _decompressed(tmp_path)
+  back = jct.load(tmp_path)
+  assert sorted(back) == ["fc", "proj"]
+  assert back["proj"].weight.config == W4G128 and back["proj"].activation is None
+  assert back["fc"].activation == C(per_channel=True)  # W8A8: int8 per token, dynamic
+  for name, layer in back.items():
+    assert layer.weight.dequant_dtype == jnp.bfloat16  # as the file's scales
+    got = np.asarray(jqat.dequantize(layer.weight), np.float32).T
+    np.testing.assert_array_equal(_bits(got), _bits(dequantized[f"{name}.weight"].numpy()))
+    np.testing.assert_array_equal(np.asarray(layer.bias, np.float32), layers[name].bias.data.float().numpy())
+
+
 class NnxMlp(nnx.Module):
   def __init__(self, rngs):
     a = C(per_channel=True, symmetric=False)  # dynamic per token: NNX knows it, the file says it
@@ -221,7 +255,9 @@ def test_nnx_model_with_names(tmp_path):
   model = NnxMlp(nnx.Rngs(0))
   jqat.nnx.convert(model)  # per-token and weight-only layers need no activation statistics
   names = {"blocks.0": "model.layers.0.up_proj", "out": "lm_head"}
+  (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MyForCausalLM"]}))
   config = QuantizationConfig.model_validate(jct.save(tmp_path, model, names=names))
+  assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MyForCausalLM"]  # kept
   assert config.format == "mixed-precision"
   formats = {tuple(g.targets): g.format for g in config.config_groups.values()}
   assert formats == {("model.layers.0.up_proj",): "int-quantized", ("lm_head",): "pack-quantized"}
@@ -387,6 +423,29 @@ def test_missing_files_and_tensors(checkpoint, tmp_path):
 
   save_file(tensors, d / "model.safetensors")
   with pytest.raises(ValueError, match="layer 'fc': the file has no tensor 'fc.input_zero_point'"):
+    jct.load(d)
+
+
+def test_a_checkpoint_in_shards(checkpoint, tmp_path):
+  from safetensors.torch import save_file
+
+  tensors = load_file(checkpoint / "model.safetensors")
+  d = tmp_path / "sharded"
+  d.mkdir()
+  (d / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+  weight_map = {}
+  for i, prefix in enumerate(("proj.", "fc.")):
+    shard = f"model-0000{i + 1}-of-00002.safetensors"
+    save_file({k: t for k, t in tensors.items() if k.startswith(prefix)}, d / shard)
+    weight_map.update({k: shard for k in tensors if k.startswith(prefix)})
+  (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  back, whole = jct.load(d), jct.load(checkpoint)
+  assert sorted(back) == ["fc", "proj"]
+  for name in back:
+    np.testing.assert_array_equal(jqat.dequantize(back[name].weight), jqat.dequantize(whole[name].weight))
+  # An index names files beside it only.
+  (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"proj.weight_scale": "../x"}}))
+  with pytest.raises(ValueError, match="is not a file name in the checkpoint's directory"):
     jct.load(d)
 
 

@@ -71,6 +71,7 @@ from jqat._src.qparams import QParams
 from jqat._src.qtensor import QTensor, check_qtensor, pack_int4
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # a checkpoint in several shards
 CONFIG_NAME = "config.json"
 # safetensors metadata key of what compressed-tensors does not record (narrow range, per-group scales shared by
 # all output channels, the float type dequantize returns), so that load gives back the same QTensor.
@@ -696,18 +697,39 @@ def _read_config(directory) -> dict:
   return q
 
 
-def _read_tensors(torch, directory) -> tuple[dict, dict]:
+def _weight_files(directory) -> list[str]:
+  """``model.safetensors``, or the shards a ``model.safetensors.index.json`` lists (files of ``directory`` only)."""
+  path = os.path.join(directory, WEIGHTS_NAME)
+  index = os.path.join(directory, INDEX_NAME)
+  if os.path.isfile(path) or not os.path.isfile(index):
+    if not os.path.isfile(path):
+      raise ValueError(f"{path}: no such file; a checkpoint directory holds {WEIGHTS_NAME} (or {INDEX_NAME} and its "
+                       f"shards) and {CONFIG_NAME}.")
+    return [path]
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{index}: not a readable safetensors index ({e!r}).") from None
+  for name in files:
+    # A shard is a file beside the index: no directories, so an index never reaches outside the checkpoint.
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+      raise ValueError(f"{index}: the shard {name!r} is not a file name in the checkpoint's directory.")
+  return [os.path.join(directory, name) for name in files]
+
+
+def _read_tensors(directory) -> tuple[dict, dict]:
   import safetensors  # noqa: PLC0415
 
-  path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file; a checkpoint directory holds {WEIGHTS_NAME} and {CONFIG_NAME}.")
-  try:
-    with safetensors.safe_open(path, framework="pt") as f:
-      meta = f.metadata() or {}
-      tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-  except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a bad file
-    raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+  tensors, meta = {}, {}
+  for path in _weight_files(directory):
+    try:
+      with safetensors.safe_open(path, framework="pt") as f:
+        meta.update(f.metadata() or {})
+        tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a bad file
+      raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
   return tensors, meta
 
 
@@ -862,7 +884,8 @@ def _load_activation(name: str, tensors: dict, args) -> tuple[QatConfig | None, 
 def load(directory: str | os.PathLike) -> dict[str, Layer]:
   """Reads a compressed-tensors checkpoint's quantized Linear layers back as ``Layer``s of ``QTensor``s.
 
-  Reads ``model.safetensors`` and ``config.json`` in ``directory``: files
+  Reads ``model.safetensors`` (or the shards ``model.safetensors.index.json``
+  lists) and ``config.json`` in ``directory``: files
   ``save`` wrote (the same QTensors back, bit for bit), or others in the
   int-quantized, pack-quantized or float-quantized formats with tensor,
   channel or group weight scales (e.g. W8A8 and W4A16 checkpoints). Each layer
@@ -889,7 +912,7 @@ def load(directory: str | os.PathLike) -> dict[str, Layer]:
   except (pydantic.ValidationError, ValueError, KeyError, NotImplementedError) as e:
     raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: not a compressed-tensors quantization_config: "
                      f"{e}") from None
-  tensors, file_meta = _read_tensors(torch, directory)
+  tensors, file_meta = _read_tensors(directory)
   meta = _jqat_meta(file_meta, os.path.join(directory, WEIGHTS_NAME))
   out = {}
   for key in tensors:
