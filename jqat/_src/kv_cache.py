@@ -181,3 +181,15 @@ def kv_write(cache: jax.Array, update: jax.Array, index: ArrayLike) -> jax.Array
   zero = jnp.zeros((), jnp.int32)
   starts = (zero,) * (cache.ndim - 3) + (index, zero, zero)
   return lax.dynamic_update_slice(cache, update.astype(cache.dtype), starts)
+
+
+def storage_bits(x: jax.Array) -> jax.Array:
+  """``x``'s bytes as unsigned integers of its width (a bitcast), for float formats narrower than 32 bits.
+
+  XLA:CPU computes in bfloat16 and fp8 through float32, so an update of one position of a bfloat16 or fp8
+  cache would convert and rewrite the whole cache; on its bits it stays a write of that position, in place.
+  Other dtypes are returned as they are.
+  """
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+    return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+  return x

@@ -38,6 +38,7 @@ import inspect
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.attention import combine_masks
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import DenseGeneral
@@ -46,8 +47,8 @@ from jax import lax
 
 from jqat._src.config import QatConfig
 from jqat._src.formats import QuantBits
-from jqat._src.int_ops import int_dot_general
-from jqat._src.kv_cache import KVCacheConfig, kv_quantize, kv_values, kv_write
+from jqat._src.int_ops import INT32_MAX, int_dot_general
+from jqat._src.kv_cache import KVCacheConfig, kv_quantize, kv_values, kv_write, storage_bits
 from jqat._src.qat_dot import qat_dot_general
 from jqat._src.qparams import MIN_SCALE, QParams, qparams_from_array
 from jqat._src.qtensor import QTensor
@@ -396,7 +397,115 @@ def quantized_attention(
   return functools.partial(dot_product_attention, qk_config=qk_config, pv_config=pv_config)
 
 
-# --- attention over a quantized cache ---------------------------------------------------------------------
+# --- one decoding step: attention of one query token over a cache -------------------------------------------
+#
+# A decoding step is bound by its kernel count and by copies of the cache, not by arithmetic, on CPU at
+# least; three choices keep both down.
+#
+# * The cache keeps its stored layout ``(batch..., length, heads, depth)`` in both products: one matrix
+#   ``(length, heads · depth)`` per batch element. With the heads as a batch dimension of the dots (as in
+#   the full forward), XLA:CPU first copies the whole cache into a heads-major layout, twice per layer and
+#   step. Instead ``q·k`` contracts the cache over ``(heads, depth)`` with a block-diagonal query, whose row
+#   ``g`` holds head ``g``'s query in block ``g`` and zeros elsewhere, so row ``g`` of the result is head
+#   ``g``'s scores (the zeros drop every other head exactly); ``p·v`` contracts the probabilities
+#   ``(heads, length)`` with the cache over the positions, and the diagonal blocks (row ``g``, head ``g``)
+#   are the heads' outputs. Each costs ``heads`` times the multiply-adds of the per-head product: a few ten
+#   thousand at one query token.
+# * The products read the cache as it was before the step, and the step's own key and value enter beside
+#   it: at position ``index`` the score is the query times the new key, and the new value's term is added to
+#   ``p·v`` with that position's probability zeroed in the dot. The numbers are those of reading the cache
+#   after the write (the same products; for the integer products the same int32 sums, exactly). The write
+#   then comes after the reads, tied to the output (``_always``), so XLA updates the cache in place;
+#   otherwise each write would copy the whole cache, since the reads could not be ordered before it.
+# * Reductions over the positions are split into chunks of 32 (``_reduce``): XLA:CPU otherwise rewrites a
+#   reduction over a longer axis into two kernels.
+
+_CHUNK = 32  # XLA:CPU splits a reduction over an axis longer than this into two kernels (tree reduction)
+
+
+def _reduce(op, x: jax.Array) -> jax.Array:
+  """``x`` reduced over its last axis by ``op`` (``jnp.maximum`` or ``jnp.add``), keeping that axis as 1.
+
+  Over up to 8 chunks of 32 the chunks' results are combined elementwise, which XLA fuses into the
+  consumer: one kernel where the plain reduction takes two.
+  """
+  n = x.shape[-1]
+  chunks = n // _CHUNK
+  if n <= _CHUNK or n % _CHUNK or chunks > 8:
+    return (jnp.max if op is jnp.maximum else jnp.sum)(x, axis=-1, keepdims=True)
+  part = (jnp.max if op is jnp.maximum else jnp.sum)(x.reshape(x.shape[:-1] + (chunks, _CHUNK)), axis=-1)
+  return functools.reduce(op, [part[..., i : i + 1] for i in range(chunks)])
+
+
+def _softmax_rows(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """``_softmax_scores(scores, None, mask)``: the masked float32 softmax over the last axis."""
+  scores = scores.astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  e = jnp.exp(scores - lax.stop_gradient(_reduce(jnp.maximum, scores)))
+  return e / _reduce(jnp.add, e)
+
+
+def _eye(heads: int) -> np.ndarray:
+  return np.eye(heads, dtype=bool)[:, :, None]
+
+
+def _block_diagonal(x: jax.Array) -> jax.Array:
+  """``(..., heads, depth) -> (..., heads, heads, depth)``: row ``g`` holds ``x[..., g, :]`` in block ``g``."""
+  return jnp.where(_eye(x.shape[-2]), x[..., None, :, :], jnp.zeros((), x.dtype))
+
+
+def _diagonal(y: jax.Array) -> jax.Array:
+  """``(..., heads, heads, depth) -> (..., heads, depth)``: the blocks ``y[..., g, g, :]``."""
+  return jnp.sum(jnp.where(_eye(y.shape[-2]), y, jnp.zeros((), y.dtype)), axis=-3)
+
+
+def _heads_first(scale: jax.Array) -> jax.Array:
+  """Scales ``(batch..., length, heads, 1)`` as float32 ``(batch..., heads, length)``."""
+  return jnp.swapaxes(scale[..., 0], -1, -2).astype(jnp.float32)
+
+
+def _scores(keys: jax.Array, rows: jax.Array, **kwargs) -> jax.Array:
+  """``(batch..., length, heads, depth) x (batch..., rows, heads, depth) -> (batch..., rows, length)``."""
+  nb = keys.ndim - 3
+  b = tuple(range(nb))
+  dims = ((nb + 1, nb + 2), (nb + 1, nb + 2)), (b, b)
+  return jnp.swapaxes(lax.dot_general(keys, rows, dims, **kwargs), -1, -2)
+
+
+def _weighted(probs: jax.Array, values: jax.Array, **kwargs) -> jax.Array:
+  """``(batch..., rows, length) x (batch..., length, heads, depth) -> (batch..., rows, heads, depth)``."""
+  nb = values.ndim - 3
+  b = tuple(range(nb))
+  return lax.dot_general(probs, values, (((nb + 1,), (nb,)), (b, b)), **kwargs)
+
+
+def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+  """``x[..., index:index + 1]`` (the last axis; clamped to its end, as ``lax.dynamic_slice``)."""
+  return lax.dynamic_slice_in_dim(x, index, 1, axis=x.ndim - 1)
+
+
+def _always(x: jax.Array) -> jax.Array:
+  """True, computed from an element of ``x``: a condition that makes whatever it guards wait for ``x``."""
+  x0 = jnp.ravel(x)[0].astype(jnp.float32)
+  return (x0 <= jnp.inf) | (x0 != x0)  # NaN compares false, so the second term covers it
+
+
+def write_position(cache: jax.Array, new: jax.Array, index: jax.Array, after: jax.Array | None = None) -> jax.Array:
+  """``kv_write(cache, new, index)``, dropped (the cache unchanged) when ``index`` is past the end.
+
+  The write goes to the clamped position, and past the end it writes back what that position holds: the
+  same index for the read and the write lets XLA update the cache in place, in one kernel. With ``after``
+  the write also waits for that array (the step's output), so that it comes after every read of the cache.
+  """
+  last = cache.shape[-3] - 1
+  at = jnp.minimum(index, last)
+  bits, new_bits = storage_bits(cache), storage_bits(new.astype(cache.dtype))
+  kept = lax.dynamic_slice_in_dim(bits, at, 1, axis=bits.ndim - 3)
+  write = index <= last
+  if after is not None:
+    write = write & _always(after)
+  return kv_write(cache, lax.bitcast_convert_type(jnp.where(write, new_bits, kept), cache.dtype), at)
 
 
 def _quantize_rows(x: jax.Array, config: QatConfig) -> QTensor:
@@ -404,14 +513,14 @@ def _quantize_rows(x: jax.Array, config: QatConfig) -> QTensor:
 
   The same numbers, with the one reduction a row needs: symmetric from ``max |x|``; asymmetric only for
   rows known to be non-negative (the folded probabilities), whose range is ``[0, max x]``, so the zero
-  point is ``qmin``. A decoding step is bound by its op count, and it runs this twice per layer.
+  point is ``qmin``.
   """
   x = x.astype(jnp.float32)
   qmin, qmax = float(config.qmin), float(config.qmax)
   if config.symmetric:
-    top, levels, zero = jnp.max(jnp.abs(x), axis=-1, keepdims=True), qmax, 0.0
+    top, levels, zero = _reduce(jnp.maximum, jnp.abs(x)), qmax, 0.0
   else:
-    top, levels, zero = jnp.max(x, axis=-1, keepdims=True), qmax - qmin, qmin
+    top, levels, zero = _reduce(jnp.maximum, x), qmax - qmin, qmin
   scale = jnp.maximum(top * (1 / levels), MIN_SCALE)
   scale = jnp.where(jnp.isfinite(top), scale, jnp.nan)
   q = jnp.clip(jnp.round(x * (1 / scale)) + zero, qmin, qmax)
@@ -419,39 +528,138 @@ def _quantize_rows(x: jax.Array, config: QatConfig) -> QTensor:
   return QTensor(values, scale, jnp.full_like(scale, zero), config, x.shape)
 
 
-def cached_attention(
+def _float_step(query, key, value, keys, values, index, mask, precision):
+  """Flax's float attention of the query token over the cache and its own ``key`` / ``value``."""
+  depth = query.shape[-1]
+  here = jnp.arange(keys.shape[-3]) == index
+  q = query[..., 0, :, :] / jnp.sqrt(depth).astype(query.dtype)  # (batch..., heads, depth)
+  scores = _scores(keys, _block_diagonal(q), precision=precision)
+  scores = jnp.where(here, jnp.sum(q * key[..., 0, :, :], axis=-1, keepdims=True), scores)
+  weights = _softmax_rows(scores[..., None, :], mask)[..., 0, :]  # (batch..., heads, length)
+  out = _diagonal(_weighted(jnp.where(here, 0.0, weights), values, precision=precision))
+  return out + _at(weights, index) * value[..., 0, :, :]
+
+
+def _quantized_step(query, new: dict, cache: dict, index, mask, cfg: KVCacheConfig, qk_config, pv_config):
+  """``_float_step`` over a quantized cache: the stored integers read directly (see ``decode_step``)."""
+  depth = query.shape[-1]
+  here = jnp.arange(cache["cached_key"].shape[-3]) == index
+  is_fp8 = cfg.bits.is_float
+  keys = kv_values(cache["cached_key"], cfg, depth)  # (batch..., length, heads, depth)
+  values = kv_values(cache["cached_value"], cfg, depth)
+  key_new = kv_values(new["cached_key"], cfg, depth)[..., 0, :, :]  # (batch..., heads, depth)
+  value_new = kv_values(new["cached_value"], cfg, depth)[..., 0, :, :]
+  ks, ks_new = _heads_first(cache["cached_key_scale"]), _heads_first(new["cached_key_scale"])
+  vs = jnp.where(here, _heads_first(new["cached_value_scale"]), _heads_first(cache["cached_value_scale"]))
+  q = query[..., 0, :, :].astype(jnp.float32) / jnp.sqrt(depth).astype(jnp.float32)
+  if qk_config is None:
+    scores = _scores(keys.astype(jnp.float32), _block_diagonal(q)) * ks
+    score_new = jnp.sum(q * key_new.astype(jnp.float32), axis=-1, keepdims=True) * ks_new
+  else:
+    qq = _quantize_rows(q, qk_config.operand_config(q.ndim))
+    if is_fp8:  # fp8 keys: float32 products, exact for int8 x e4m3
+      acc = _scores(keys.astype(jnp.float32), _block_diagonal(qq.values).astype(jnp.float32))
+      acc_new = jnp.sum(qq.values.astype(jnp.float32) * key_new.astype(jnp.float32), axis=-1, keepdims=True)
+    else:
+      acc = _scores(keys, _block_diagonal(qq.values), preferred_element_type=jnp.int32)
+      acc_new = jnp.sum(qq.values.astype(jnp.int32) * key_new.astype(jnp.int32), axis=-1, keepdims=True)
+    scores = acc.astype(jnp.float32) * (qq.scale * ks)
+    score_new = acc_new.astype(jnp.float32) * (qq.scale * ks_new)
+  weights = _softmax_rows(jnp.where(here, score_new, scores)[..., None, :], mask)[..., 0, :]
+  folded = weights * vs  # the value scales folded into the probabilities (module docstring)
+  if pv_config is None:
+    out = _diagonal(_weighted(jnp.where(here, 0.0, folded), values.astype(jnp.float32)))
+    return out + _at(folded, index) * value_new.astype(jnp.float32)
+  pcfg = pv_config.probability_config(folded.ndim)
+  pq = _quantize_rows(folded, pcfg)
+  zero = int(pcfg.qmin)  # the grid's zero point: the stored integers are p / scale + zero
+  rows = jnp.where(here, jnp.int8(zero), pq.values)  # (q - zero) = 0 at the new token's position
+  centred_new = _at(pq.values, index).astype(jnp.int32) - zero
+  if is_fp8:
+    acc = _diagonal(_weighted((rows.astype(jnp.float32) - zero), values.astype(jnp.float32)))
+    acc = acc + centred_new.astype(jnp.float32) * value_new.astype(jnp.float32)
+  else:
+    # Σ_t (q_t - zero) v_t = Σ_t q_t v_t + (-zero / 2) · 2 Σ_t v_t: the second sum is one more row of the
+    # dot, the constant -zero / 2 (64 for int8), which int8 holds where -zero does not.
+    half = jnp.full(rows.shape[:-2] + (1, rows.shape[-1]), -zero // 2, jnp.int8)
+    acc = _weighted(jnp.concatenate([rows, half], axis=-2), values, preferred_element_type=jnp.int32)
+    acc = _diagonal(acc[..., :-1, :, :]) + 2 * acc[..., -1, :, :] + centred_new * value_new.astype(jnp.int32)
+  return acc.astype(jnp.float32) * pq.scale
+
+
+# Bound of |Σ_t (q_t - zero) v_t| in one p·v sum: the probabilities' centred values lie in [0, 255], int8
+# values in [-128, 127]. Longer caches take the general path, whose planner splits the sum.
+_MAX_STEP_LENGTH = INT32_MAX // (255 * 128)
+
+
+def decode_step(
   query: jax.Array,
-  key_values: jax.Array,
-  key_scale: jax.Array,
-  value_values: jax.Array,
-  value_scale: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  cache: dict,
+  index: jax.Array,
   mask: jax.Array | None,
   *,
-  cache_config: KVCacheConfig,
-  qk_config: AttentionQuantConfig | None,
-  pv_config: AttentionQuantConfig | None,
-  dtype=None,
-) -> jax.Array:
-  """Attention of ``query`` over a quantized cache, the stored integers read directly.
+  cache_config: KVCacheConfig | None,
+  qk_config: AttentionQuantConfig | None = None,
+  pv_config: AttentionQuantConfig | None = None,
+  precision=None,
+) -> tuple[jax.Array, dict]:
+  """One decoding step: the query token's attention over the cache and its own key and value, and the
+  cache with them written at ``index``.
 
-  ``q·k`` is ``int_dot_general`` of the query (quantized per token and head) with the stored keys and
-  their scales, one rescale by both; ``p·v`` folds the stored value scales into the probabilities and
-  multiplies their integers with the stored values. A product whose config is None dequantizes the cache
-  and runs in float. fp8 entries are multiplied in float32 (``int_dot_general``'s fp8 path).
+  With ``cache_config`` None (a float cache) it computes ``flax.linen.dot_product_attention`` over the
+  written cache (float32 sums in another order). With a quantized cache, each of the token's key and value
+  vectors is quantized once (``kv_quantize``) and stored; ``q·k`` is an ``int8 x int8 -> int32`` dot of the
+  query (quantized per head) with the stored keys, rescaled once by both scales; ``p·v`` folds the stored
+  value scales into the probabilities, quantizes each probability row on its unsigned grid and multiplies
+  its integers with the stored values (the grid's zero point enters as one more row of the same dot). A
+  product whose config is None runs in float on the stored values, their scales applied after the dot;
+  fp8 entries are multiplied in float32. These are the numbers of ``int_dot_general`` on the same operands
+  read from the written cache: equal int32 sums, the same float32 rescale. See the comment above for how
+  the step keeps the cache in place.
 
   Args:
-    query: ``(batch..., q_length, heads, depth)``.
-    key_values, value_values: stored values ``(batch..., max_length, heads, stored_dim)``.
-    key_scale, value_scale: stored scales ``(batch..., max_length, heads, 1)``.
-    mask: broadcastable to ``(batch..., heads, q_length, max_length)``, or None.
-    cache_config: the cache's format.
-    qk_config, pv_config: the products' configs (granularity ``"token"``) or None.
-    dtype: the result's dtype (default: the query's).
+    query, key, value: the token's, ``(batch..., 1, heads, depth)``.
+    cache: ``cached_key`` / ``cached_value`` ``(batch..., length, heads, stored_dim)``, and with a quantized
+      cache ``cached_key_scale`` / ``cached_value_scale`` ``(batch..., length, heads, 1)``.
+    index: the token's position (traced int32 scalar).
+    mask: broadcastable to ``(batch..., heads, 1, length)``, or None: which positions the token may attend
+      to (the caller masks the positions after ``index``).
+    cache_config: the cache's format, or None.
+    qk_config, pv_config: the products' configs (granularity ``"token"``) or None; only with a quantized
+      cache.
+    precision: of the float products.
 
   Returns:
-    ``(batch..., q_length, heads, depth)``.
+    ``(out, cache)``: the attention ``(batch..., 1, heads, depth)`` in float32 (NaN when ``index`` is past
+    the cache's end) and the updated cache (unchanged past the end).
   """
-  dtype = dtype or query.dtype
+  length = cache["cached_key"].shape[-3]
+  if cache_config is None:
+    new = {"cached_key": key, "cached_value": value}
+  else:
+    kv, ks = kv_quantize(key, cache_config)
+    vv, vs = kv_quantize(value, cache_config)
+    new = {"cached_key": kv, "cached_key_scale": ks, "cached_value": vv, "cached_value_scale": vs}
+  if length > _MAX_STEP_LENGTH and cache_config is not None:
+    cache = {name: write_position(cache[name], new[name], index) for name in cache}
+    out = _cached_attention_general(query, cache, mask, cache_config, qk_config, pv_config)
+  else:
+    if cache_config is None:
+      out = _float_step(query, key, value, cache["cached_key"], cache["cached_value"], index, mask, precision)
+    else:
+      out = _quantized_step(query, new, cache, index, mask, cache_config, qk_config, pv_config)
+    out = out[..., None, :, :].astype(jnp.float32)
+    cache = {name: write_position(cache[name], new[name], index, after=out) for name in cache}
+  return jnp.where(index < length, out, jnp.nan), cache
+
+
+def _cached_attention_general(query, cache, mask, cache_config, qk_config, pv_config):
+  """``decode_step``'s attention over the written cache through ``int_dot_general``, the heads as batch
+  dimensions: any length (its planner keeps the int32 sums exact)."""
+  key_values, key_scale = cache["cached_key"], cache["cached_key_scale"]
+  value_values, value_scale = cache["cached_value"], cache["cached_value_scale"]
   depth = query.shape[-1]
   store = cache_config.quant_config
   keys = kv_values(key_values, cache_config, depth)
@@ -472,7 +680,7 @@ def cached_attention(
     )
     kq = QTensor(keys, ks, jnp.zeros_like(ks), kcfg, keys.shape)
     scores = int_dot_general(qq, kq, _dims_qk(query.ndim))
-  weights = _softmax_scores(scores, None, mask, dtype)
+  weights = _softmax_scores(scores, None, mask, jnp.float32)
   if pv_config is None:
     out = jnp.einsum("...hqk,...khd->...qhd", weights, values.astype(jnp.float32) * vs)
   else:
@@ -483,7 +691,7 @@ def cached_attention(
     one = jnp.ones((), jnp.float32)
     vq = QTensor(values, one, jnp.zeros((), jnp.float32), vcfg, values.shape)
     out = jnp.swapaxes(int_dot_general(pq, vq, _dims_pv(folded.ndim)), -2, -3)
-  return out.astype(dtype)
+  return out
 
 
 class QatAttention(nn.MultiHeadDotProductAttention):
@@ -682,40 +890,46 @@ class QatAttention(nn.MultiHeadDotProductAttention):
         f"{self._where()}: decoding position {int(index)} is past the cache's length {max_length} "
         f"(cache_index counts from 0; the cache was created by init with an input of length {max_length})"
       )
-    valid = index < max_length
-    if cfg is None:
-      writes = {"cached_key": key, "cached_value": value}
-    else:
-      kv, ks = kv_quantize(key, cfg)
-      vv, vs = kv_quantize(value, cfg)
-      writes = {"cached_key": kv, "cached_key_scale": ks, "cached_value": vv, "cached_value_scale": vs}
-    for name, new in writes.items():
-      old = cache[name].value
-      # Past the end, write back what the (clamped) last position already holds: nothing changes.
-      kept = lax.dynamic_slice_in_dim(old, jnp.minimum(index, max_length - 1), 1, axis=old.ndim - 3)
-      cache[name].value = kv_write(old, jnp.where(valid, new.astype(old.dtype), kept), index)
-    cache_index.value = index + 1
     mask = combine_masks(
       mask, jnp.broadcast_to(jnp.arange(max_length) <= index, tuple(batch_dims) + (1, 1, max_length))
     )
-    if cfg is None:
+    cache_index.value = index + 1
+    if cfg is None and not self._plain_float_products(query, deterministic, sow_weights):
+      # Another attention function, einsum hooks, dropout or sown weights: Flax's path over the written cache.
+      for name, new in (("cached_key", key), ("cached_value", value)):
+        cache[name].value = write_position(cache[name].value, new, index)
       x = self._attend(
         query, cache["cached_key"].value, cache["cached_value"].value, mask, dropout_rng, deterministic, sow_weights
       )
-    else:
-      x = cached_attention(
-        query,
-        cache["cached_key"].value,
-        cache["cached_key_scale"].value,
-        cache["cached_value"].value,
-        cache["cached_value_scale"].value,
-        mask,
-        cache_config=cfg,
-        qk_config=self.qk_config,
-        pv_config=self.pv_config,
-        dtype=self.dtype,
-      )
-    return jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))
+      return jnp.where(index < max_length, x, jnp.asarray(jnp.nan, x.dtype))
+    x, written = decode_step(
+      query,
+      key,
+      value,
+      {name: var.value for name, var in cache.items()},
+      index,
+      mask,
+      cache_config=cfg,
+      qk_config=self.qk_config,
+      pv_config=self.pv_config,
+      precision=self.precision,
+    )
+    for name, var in cache.items():
+      var.value = written[name]
+    return x.astype(self.dtype or query.dtype)
+
+  def _plain_float_products(self, query, deterministic, sow_weights) -> bool:
+    """Whether the step's attention is Flax's own float function, which ``decode_step`` computes."""
+    return (
+      self.attention_fn is nn.dot_product_attention
+      and self.qk_config is None
+      and self.pv_config is None
+      and self.qk_attn_weights_einsum_cls is None
+      and self.attn_weights_value_einsum_cls is None
+      and (deterministic or self.dropout_rate <= 0.0)
+      and not sow_weights
+      and query.dtype == jnp.float32
+    )
 
   def _check_cache(self, shapes, query):
     names = sorted(shapes)

@@ -15,16 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype as _nnx_promote_dtype
-from jax import lax
 
 from jqat._src.flax.attention import (
   INT8_PER_TOKEN,
   AttentionQuantConfig,
   _check_config,
-  cached_attention,
+  decode_step,
   quantized_products_attention,
 )
-from jqat._src.kv_cache import KVCacheConfig, kv_quantize, kv_write
+from jqat._src.kv_cache import KVCacheConfig
 
 
 def dot_product_attention(
@@ -126,7 +125,7 @@ class QatMultiHeadAttention(nnx.MultiHeadAttention):
   ``cache_config`` (``jqat.KVCacheConfig``), ``init_cache`` creates ``cached_key`` / ``cached_value`` in its
   storage format and ``cached_key_scale`` / ``cached_value_scale`` (one scale per token and head); each
   token is quantized once, when written, and the products read the stored integers
-  (``jqat._src.flax.attention.cached_attention``). Without it the float cache of NNX is used, with the
+  (``jqat._src.flax.attention.decode_step``). Without it the float cache of NNX is used, with the
   products of ``qk_config`` / ``pv_config``. Bad input as for ``jqat.linen.QatAttention``: another batch
   or more than one token raises ``ValueError`` naming the sizes; a concrete position past the cache raises,
   a traced one drops the write and gives NaN. Grouped-query attention (``num_kv_heads < num_heads``) keeps
@@ -206,33 +205,22 @@ class QatMultiHeadAttention(nnx.MultiHeadAttention):
     index = self.cache_index[...]
     if not isinstance(index, jax.core.Tracer) and int(index) >= max_length:
       raise ValueError(f"{where}: decoding position {int(index)} is past the cache's length {max_length}")
-    valid = index < max_length
-    kv, ks = kv_quantize(key, cfg)
-    vv, vs = kv_quantize(value, cfg)
-    for var, new in (
-      (self.cached_key, kv),
-      (self.cached_key_scale, ks),
-      (self.cached_value, vv),
-      (self.cached_value_scale, vs),
-    ):
-      old = var[...]
-      # Past the end, write back what the (clamped) last position already holds: nothing changes.
-      kept = lax.dynamic_slice_in_dim(old, jnp.minimum(index, max_length - 1), 1, axis=old.ndim - 3)
-      var[...] = kv_write(old, jnp.where(valid, new.astype(old.dtype), kept), index)
-    self.cache_index[...] = index + 1
     causal = jnp.broadcast_to(jnp.arange(max_length) <= index, tuple(batch) + (1, 1, max_length))
     mask = causal if mask is None else jnp.logical_and(mask.astype(jnp.bool_), causal)
-    x = cached_attention(
+    names = ("cached_key", "cached_key_scale", "cached_value", "cached_value_scale")
+    x, written = decode_step(
       query,
-      self.cached_key[...],
-      self.cached_key_scale[...],
-      self.cached_value[...],
-      self.cached_value_scale[...],
+      key,
+      value,
+      {name: getattr(self, name)[...] for name in names},
+      index,
       mask,
       cache_config=cfg,
       qk_config=self.qk_config,
       pv_config=self.pv_config,
-      dtype=self.dtype,
     )
-    x = jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))
+    for name in names:
+      getattr(self, name)[...] = written[name]
+    self.cache_index[...] = index + 1
+    x = x.astype(self.dtype or query.dtype)
     return self.out(x)
