@@ -1,6 +1,6 @@
 """Serving matmul: float32 vs the raw int8 dot vs jqat w8a8 and weight-only int8.
 
-Run: ``python benchmarks/bench_serving.py [--reps 15] [--shapes 8x4096x4096,...]``.
+Run: ``python benchmarks/bench_serving.py [--reps 15] [--rounds 5] [--shapes 8x4096x4096,...] [--only w-only,...]``.
 
 For each (M, K, N) it times, as jitted functions (median of ``reps`` calls
 after warm-up, each ``block_until_ready``):
@@ -15,8 +15,15 @@ after warm-up, each ``block_until_ready``):
 * ``w8a8 int-in``: activations already int8 (the previous layer's output):
   ``int_matmul`` on QTensors alone, comparable with the raw int8 dot;
 * ``w-only``: float activations, int8 weights, ``jqat.weight_only_matmul``
-  (K-blocked, 256 rows per step; ``kb64`` / ``kb1024`` other block sizes;
-  ``w-only 1dot``: one dot with the whole weight converted).
+  (``k_block="auto"``: one dot for a weight of up to 2^21 values, else blocks
+  of about 8 MiB of float32; ``kb128`` / ``kb1024`` other block sizes;
+  ``w-only 1dot``: one dot with the whole weight converted; ``w-only bf16``:
+  ``compute_dtype=bfloat16``, activations rounded to bfloat16);
+* ``w4-only`` (and ``bf16``): the same with int4 weights, converted from the
+  packed bytes block by block.
+
+Every variant runs once per round, the order alternating between rounds, and
+each figure is the best of the ``--rounds`` medians.
 
 It prints times, ratios to float and to the raw int8 dot, and the bytes of
 the serving variables (int8 values, scales, weight sums) against float32.
@@ -61,7 +68,7 @@ def nbytes(tree) -> int:
   return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def bench_shape(m: int, k: int, n: int, reps: int) -> None:
+def bench_shape(m: int, k: int, n: int, reps: int, rounds: int = 1, only=()) -> None:
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, (m, k), jnp.float32)
   w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
@@ -82,6 +89,9 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
   def w8a8_frozen(x, xqp, wp):
     return jqat.int_matmul(jqat.quantize(x, xqp, xcfg), wp)
 
+  w4cfg = jqat.QatConfig(bits="int4", per_channel=True)
+  w4q = jqat.quantize(w, jqat.qparams_from_array(w, w4cfg), w4cfg)
+  bf16 = jnp.bfloat16
   variants = {
     "float": (jax.jit(lambda a, b: a @ b), x, w),
     "raw int8": (jax.jit(lambda a, b: lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32)), xi, wi),
@@ -90,10 +100,22 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
     "w8a8 int-in": (jax.jit(jqat.int_matmul), xq, wp),
     "w-only": (jax.jit(jqat.weight_only_matmul), x, wq),
     "w-only 1dot": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=None)), x, wq),
-    "w-only kb64": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=64)), x, wq),
-    "w-only kb256": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=256)), x, wq),
+    "w-only kb128": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=128)), x, wq),
+    "w-only kb1024": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=1024)), x, wq),
+    "w-only bf16": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, compute_dtype=bf16)), x, wq),
+    "w4-only": (jax.jit(jqat.weight_only_matmul), x, w4q),
+    "w4-only bf16": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, compute_dtype=bf16)), x, w4q),
   }
-  times = {name: median_ms(f, *args, reps=reps) for name, (f, *args) in variants.items()}
+  if only:
+    variants = {name: v for name, v in variants.items() if name in only or name in ("float", "raw int8")}
+  for f, *args in variants.values():
+    jax.block_until_ready(f(*args))  # compiles
+  times = {name: float("inf") for name in variants}
+  names = list(variants)
+  for r in range(rounds):  # alternate the order so that load from other processes hits every variant alike
+    for name in names if r % 2 == 0 else names[::-1]:
+      f, *args = variants[name]
+      times[name] = min(times[name], median_ms(f, *args, reps=reps))
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   print(f"(M, K, N) = ({m}, {k}, {n})")
   print(f"  {'variant':<13} {'ms':>8} {'/float':>7} {'/raw int8':>9}  max |err| vs float64")
@@ -101,6 +123,8 @@ def bench_shape(m: int, k: int, n: int, reps: int) -> None:
     f, *args = variants[name]
     out = np.asarray(f(*args), np.float64)
     err = "" if name == "raw int8" else f"{np.max(np.abs(out - ref)):.2e}"
+    if name.startswith("w4"):
+      err += " (int4)"
     print(f"  {name:<13} {t:8.3f} {t / times['float']:7.2f} {t / times['raw int8']:9.2f}  {err}")
   float_bytes = nbytes(w)
   serve_bytes = nbytes((wq, sums))
@@ -166,7 +190,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
   parser.add_argument("--shapes", type=str, default=None, help="comma-separated MxKxN")
-  parser.add_argument("--rounds", type=int, default=5, help="rounds of --nan-check")
+  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (best median of each variant)")
+  parser.add_argument("--only", type=str, default="", help="comma-separated variants (float and raw int8 always run)")
   parser.add_argument("--nan-check", action="store_true", help="measure the cost of the NaN / Inf check")
   args = parser.parse_args()
   shapes = SHAPES
@@ -177,7 +202,7 @@ def main() -> None:
     if args.nan_check:
       nan_check_cost(m, k, n, args.reps, args.rounds)
     else:
-      bench_shape(m, k, n, args.reps)
+      bench_shape(m, k, n, args.reps, args.rounds, tuple(v for v in args.only.split(",") if v))
 
 
 if __name__ == "__main__":

@@ -297,8 +297,9 @@ def int_dot_general(
     Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018.
   """
-  return _int_dot_general(lhs, rhs, dimension_numbers, bias, out_dtype, rhs_sums, max_accumulator, "int_dot_general",
-                          "rhs_sums")
+  return _int_dot_general(
+    lhs, rhs, dimension_numbers, bias, out_dtype, rhs_sums, max_accumulator, "int_dot_general", "rhs_sums"
+  )
 
 
 def _int_dot_general(lhs, rhs, dimension_numbers, bias, out_dtype, rhs_sums, max_accumulator, where, kwarg):
@@ -447,31 +448,95 @@ def int_conv_general_dilated(
   return y.astype(out_dtype)
 
 
+# Elements of the converted weight block that ``k_block="auto"`` aims at: 2^21 float32 values are 8 MiB, about
+# what the last-level cache of a small CPU keeps while the dot reads the block back.
+AUTO_BLOCK_ELEMENTS = 2**21
+MIN_AUTO_BLOCK = 128
+
+
+def auto_k_block(k: int, n: int) -> int | None:
+  """The ``k_block`` that ``weight_only_matmul(..., k_block="auto")`` uses for a ``(k, n)`` weight.
+
+  None (one dot) when the whole converted weight holds at most
+  ``AUTO_BLOCK_ELEMENTS`` values; otherwise the largest power of two
+  ``>= 128`` dividing ``k`` whose block ``k_block x n`` holds at most that
+  many (None when no such divisor exists).
+
+  Examples:
+    >>> auto_k_block(4096, 4096), auto_k_block(1024, 1024), auto_k_block(4096, 11008)
+    (512, None, 128)
+  """
+  if k * n <= AUTO_BLOCK_ELEMENTS:
+    return None
+  kb = MIN_AUTO_BLOCK
+  while kb * 2 * n <= AUTO_BLOCK_ELEMENTS and k % (kb * 2) == 0:
+    kb *= 2
+  return kb if k % kb == 0 and kb < k else None
+
+
+def _nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The low and high signed nibbles of packed int4 bytes, as int8 (rows ``2i`` and ``2i + 1``, see ``pack_int4``)."""
+  b = lax.bitcast_convert_type(packed, jnp.int8)
+  return lax.shift_right_arithmetic(lax.shift_left(b, jnp.int8(4)), jnp.int8(4)), lax.shift_right_arithmetic(
+    b, jnp.int8(4)
+  )
+
+
+def _planes(wq: QTensor, x: jax.Array):
+  """``(activations, stored rows, convert)`` with ``x @ q == Σ_j xs[j] @ convert(rows)[j]``.
+
+  int8 weights: one plane, the values themselves. Packed int4 / int2 weights:
+  two planes read straight from the bytes, the low nibbles (even rows of the
+  weight) against the even columns of ``x`` and the high nibbles against the
+  odd ones, so the weight is never unpacked as a whole.
+  """
+  if not wq.config.bits.is_packed:
+    return (x,), wq.values, lambda rows, dt: (rows.astype(dt),)
+  k = wq.shape[0]
+  even, odd = x[..., 0::2], x[..., 1::2]
+  if k % 2:  # the last byte's high nibble is padding (zero): give it a zero column
+    odd = jnp.concatenate([odd, jnp.zeros(odd.shape[:-1] + (1,), odd.dtype)], axis=-1)
+
+  def convert(rows, dt):
+    lo, hi = _nibbles(rows)
+    return lo.astype(dt), hi.astype(dt)
+
+  return (even, odd), wq.values, convert
+
+
 def weight_only_matmul(
   x: ArrayLike,
   wq: QTensor,
   *,
   bias: ArrayLike | None = None,
-  k_block: int | None = 1024,
+  k_block: int | str | None = "auto",
+  compute_dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """``x @ dequantize(wq)`` for float activations ``x (..., K)`` and an integer weight ``(K, N)``.
 
-  The weight's integer values are converted to the activation dtype next to
-  the dot (exact: int8 fits in bfloat16 and float32) and the per-channel scale
-  is applied once to the ``(..., N)`` result, ``y = (x @ (q_w - z_w)) s_w``,
-  with ``x @ z_w`` computed as ``(Σ_k x) z_w`` for an asymmetric weight. With
+  The weight's integer values are converted to the compute dtype next to the
+  dot (exact: int8 fits in bfloat16 and float32) and the per-channel scale is
+  applied once to the ``(..., N)`` result, ``y = (x @ (q_w - z_w)) s_w``, with
+  ``x @ z_w`` computed as ``(Σ_k x) z_w`` for an asymmetric weight. With
   ``k_block`` the contraction runs as a loop over blocks of ``k_block`` rows
   of the weight, so each block is converted while it is in cache instead of
   materializing the whole float weight (on CPU the conversion, not the dot,
-  is what costs). A weight whose scale varies along K (per-group) is
+  is what costs: XLA:CPU does not fuse the conversion into its dot). Packed
+  int4 / int2 weights are converted from their bytes block by block, never
+  unpacked as a whole. A weight whose scale varies along K (per-group) is
   dequantized and multiplied as a whole.
 
   Args:
     x: float activations ``(..., K)``.
     wq: quantized weight ``(K, N)``, integer format.
     bias: ``(N,)``, added at the end.
-    k_block: rows of the weight per loop step (default 1024, the fastest of 64, 256, 1024 and one dot in
-      ``benchmarks/bench_serving.py`` on a 2-core x86-64 CPU); None for one dot.
+    k_block: rows of the weight per loop step; ``"auto"`` (default,
+      ``auto_k_block``: one dot for a weight of up to 2^21 values, else blocks
+      of about 8 MiB of float32); None for one dot.
+    compute_dtype: the dtype of the dot's operands (float32 accumulation);
+      default ``x``'s dtype. ``jnp.bfloat16`` rounds float32 activations to
+      bfloat16 (relative error ``2^-9`` per element) and halves the converted
+      weight's bytes.
 
   Returns:
     ``(..., N)`` array of ``x``'s dtype (float32 accumulation).
@@ -495,29 +560,49 @@ def weight_only_matmul(
     raise ValueError(
       f"weight_only_matmul: activations of shape {x.shape} do not fit a ({k}, {n}) weight: need (..., {k})"
     )
+  if k_block == "auto":
+    k_block = auto_k_block(k, n)
+  elif k_block is not None and (isinstance(k_block, bool) or not isinstance(k_block, int) or k_block < 1):
+    raise ValueError(f"weight_only_matmul: k_block={k_block!r} is invalid; allowed: a positive int, 'auto' or None")
+  if compute_dtype is not None and jnp.dtype(compute_dtype) not in (jnp.bfloat16, jnp.float32, jnp.float64):
+    raise ValueError(
+      f"weight_only_matmul: compute_dtype={jnp.dtype(compute_dtype).name} is invalid; allowed: bfloat16, float32, "
+      "float64 or None"
+    )
   bias = _check_bias(bias, x.shape[:-1] + (n,), "weight_only_matmul")
   scale = jnp.broadcast_to(jnp.asarray(wq.scale, jnp.float32), jnp.broadcast_shapes(jnp.shape(wq.scale), (1, 1)))
-  cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32, jnp.float64) else jnp.float32
-  if scale.shape[0] != 1:
-    y = jnp.matmul(x, dequantize(wq).astype(cdt), preferred_element_type=jnp.float32)
+  if compute_dtype is not None:
+    cdt = jnp.dtype(compute_dtype)
   else:
-    q = wq.int_values()
-    xc = x.astype(cdt)
-    if k_block is not None and k > k_block and k % k_block == 0:
-      nb = k // k_block
-      xb = jnp.moveaxis(xc.reshape(xc.shape[:-1] + (nb, k_block)), -2, 0)
-      qb = q.reshape(nb, k_block, n)
+    cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32, jnp.float64) else jnp.float32
+  if scale.shape[0] != 1:
+    y = jnp.matmul(x.astype(cdt), dequantize(wq).astype(cdt), preferred_element_type=jnp.float32)
+  else:
+    xs, rows, convert = _planes(wq, x.astype(cdt))
+    per_row = len(xs)  # weight rows per stored row
+    r = rows.shape[0]
+    if k_block is not None and k > k_block and k % k_block == 0 and k_block % per_row == 0:
+      rb = k_block // per_row
+      nb = r // rb
+      xb = tuple(jnp.moveaxis(xi.reshape(xi.shape[:-1] + (nb, rb)), -2, 0) for xi in xs)
+      qb = rows.reshape(nb, rb, n)
 
       def step(acc, blk):
         xi, qi = blk
-        return acc + jnp.matmul(xi, qi.astype(cdt), preferred_element_type=jnp.float32), None
+        for a, b in zip(xi, convert(qi, cdt)):
+          acc = acc + jnp.matmul(a, b, preferred_element_type=jnp.float32)
+        return acc, None
 
       y, _ = lax.scan(step, jnp.zeros(x.shape[:-1] + (n,), jnp.float32), (xb, qb))
     else:
-      y = jnp.matmul(xc, q.astype(cdt), preferred_element_type=jnp.float32)
+      y = None
+      for a, b in zip(xs, convert(rows, cdt)):
+        part = jnp.matmul(a, b, preferred_element_type=jnp.float32)
+        y = part if y is None else y + part
     if not wq.config.symmetric:
       zero = jnp.reshape(numerics.effective_zero_point(wq.zero_point, wq.config, jnp.float32), (-1,))
-      y = y - jnp.sum(x.astype(jnp.float32), axis=-1, keepdims=True) * zero
+      # The same (compute-dtype) activations as the dot's, so that x @ (q - z) holds exactly in its terms.
+      y = y - jnp.sum(x.astype(cdt).astype(jnp.float32), axis=-1, keepdims=True) * zero
     y = y * scale.reshape(-1)
   if bias is not None:
     y = y + bias
