@@ -350,6 +350,9 @@ def test_bad_model_variables(tmp_path):
     del served["serving"][name]["quant"]["lhs"]
   with pytest.raises(ValueError, match="layer 'Dense_0': its serving variables hold column sums"):
     jct.save(tmp_path, served)  # saved as weight-only
+  _, symmetric = _served("w8a8_dynamic_token")
+  with pytest.raises(ValueError, match="layer 'Dense_0': its serving variables hold no column sums"):
+    jct.save(tmp_path, symmetric, activation=C(per_channel=True, symmetric=False))
   awq = jax.tree.map(lambda a: a, static)
   awq["serving"]["head"]["quant"]["input_scale"] = jnp.ones((128,))
   with pytest.raises(ValueError, match="layer 'head'.*AWQ / SmoothQuant input divisor"):

@@ -73,8 +73,9 @@ from jqat._src.qtensor import QTensor, check_qtensor, pack_int4
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a checkpoint in several shards
 CONFIG_NAME = "config.json"
-# safetensors metadata key of what compressed-tensors does not record (narrow range, per-group scales shared by
-# all output channels, the float type dequantize returns), so that load gives back the same QTensor.
+# safetensors metadata key of what compressed-tensors does not record (each weight's whole QatConfig: narrow range,
+# per-group scales shared by all output channels, ...; the float type dequantize returns), so that load gives back
+# the same QTensor.
 _META_KEY = "jqat"
 _META_VERSION = 1
 _INSTALL = "pip install 'jqat[compressed-tensors]' (it needs torch: install its CPU build first if you have no GPU)"
@@ -320,7 +321,7 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
         raise TypeError(f"jqat.compressed_tensors: layer names must be strings, got {k!r}.")
       v = Layer(v) if isinstance(v, QTensor) else v
       check_qtensor(v.weight, f"jqat.compressed_tensors: layer '{k}'", "weight")
-      found[k] = (k, v, False)
+      found[k] = (k, v, None)  # None: no serving variables to check the activation against
   elif isinstance(served, Mapping):
     found = _linen_layers(served, activation)
   elif _is_nnx(served):
@@ -341,11 +342,15 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
       continue
     if isinstance(layer, ValueError):
       raise layer
-    if sums and (layer.activation is None or layer.activation.symmetric):
+    # An integer kernel converted for asymmetric activations keeps the column sums their zero point multiplies.
+    act = layer.activation
+    wants_sums = act is not None and not act.symmetric and not layer.weight.config.bits.is_float
+    if sums is not None and sums != wants_sums:
+      held = "hold column sums, so it was" if sums else "hold no column sums, so it was not"
       raise ValueError(
-        f"layer '{default}': its serving variables hold column sums, so it was converted for asymmetric "
-        f"activations, but activation={layer.activation} says otherwise; pass the activation config it was "
-        "trained with, e.g. activation=jqat.QatConfig(per_channel=True, symmetric=False)."
+        f"layer '{default}': its serving variables {held} converted for asymmetric activations, but "
+        f"activation={act} says otherwise; pass the activation config it was trained with, e.g. "
+        "activation=jqat.QatConfig(per_channel=True, symmetric=False) or activation=jqat.QatConfig(per_channel=True)."
       )
     if name in out:
       raise ValueError(
@@ -407,7 +412,7 @@ def _weight_args(name: str, q: QTensor) -> dict:
     bad = scale[~(np.isfinite(scale) & (scale > 0))].reshape(-1)[0]
     raise ValueError(
       f"{where}: a weight scale is {bad}; compressed-tensors' readers take positive finite scales (a NaN scale marks "
-      "a kernel that held NaN or Inf; scale_rule='signed_max' gives negative ones)."
+      "a kernel that held NaN or Inf)."
     )
   args: dict = {"num_bits": num_bits, "type": kind, "symmetric": cfg.symmetric, "dynamic": False}
   if cfg.group_size is not None:
