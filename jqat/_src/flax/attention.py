@@ -828,7 +828,10 @@ class QatAttention(nn.MultiHeadDotProductAttention):
       dot_general=self.qkv_dot_general,
       dot_general_cls=self.qkv_dot_general_cls,
     )
-    query, key, value = dense(name="query")(inputs_q), dense(name="key")(inputs_k), dense(name="value")(inputs_v)
+    if self._fused_projections_apply(inputs_q, inputs_k, inputs_v):
+      query, key, value = self._fused_projections(inputs_q)
+    else:
+      query, key, value = dense(name="query")(inputs_q), dense(name="key")(inputs_k), dense(name="value")(inputs_v)
     if self.normalize_qk:
       query = LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(query)
       key = LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
@@ -917,6 +920,36 @@ class QatAttention(nn.MultiHeadDotProductAttention):
     for name, var in cache.items():
       var.value = written[name]
     return x.astype(self.dtype or query.dtype)
+
+  def _fused_projections_apply(self, inputs_q, inputs_k, inputs_v) -> bool:
+    """Whether a decoding step may compute the float query, key and value projections as one dot."""
+    params = self.variables.get("params", {})
+    return (
+      self.decode
+      and self.has_variable("cache", "cached_key")  # a step, not the cache's creation
+      and inputs_k is inputs_q
+      and inputs_v is inputs_q
+      and self.qkv_dot_general is None
+      and self.qkv_dot_general_cls is None
+      and all(name in params for name in ("query", "key", "value"))
+    )
+
+  def _fused_projections(self, inputs):
+    """``DenseGeneral`` query / key / value of one input as one dot with the three kernels side by side.
+
+    The same parameters and the same products (each output element the same sum over the features); one
+    kernel launch where a decoding step would take three. The stacked kernel does not change between
+    steps, so XLA computes it once, outside a decoding loop.
+    """
+    params = self.variables["params"]
+    names = ("query", "key", "value")
+    kernel = jnp.stack([nn.meta.unbox(params[n]["kernel"]) for n in names], axis=1)  # (features, 3, heads, dim)
+    bias = jnp.stack([nn.meta.unbox(params[n]["bias"]) for n in names]) if self.use_bias else None
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y[..., 0, :, :], y[..., 1, :, :], y[..., 2, :, :]
 
   def _plain_float_products(self, query, deterministic, sow_weights) -> bool:
     """Whether the step's attention is Flax's own float function, which ``decode_step`` computes."""
