@@ -185,6 +185,13 @@ SLOW_TESTS = {
   "nnx_attention.py::jqat._src.flax.nnx_attention.QatMultiHeadAttention",
   "test_nnx_lifecycle.py::test_serving_variables_of_another_layout_raise",
   "test_linen_einsum_embed.py::test_tied_embedding_serves_one_quantized_table",
+  # Fresh-process and eight-device runs of the hand-off formats.
+  "test_checkpoint_orbax.py::test_round_trip_and_resume_in_a_fresh_process",
+  "test_checkpoint_orbax.py::test_restore_onto_eight_devices_is_sharded",
+  "test_checkpoint_orbax.py::test_corrupt_or_truncated_checkpoints_raise",
+  "test_export.py::test_round_trip_in_a_process_without_jqat_or_flax",
+  "test_gguf.py::test_qat_dense_trains_on_the_files_grid",
+  "test_gguf.py::test_round_trip_in_a_fresh_process",
 }
 
 
