@@ -192,6 +192,9 @@ SLOW_TESTS = {
   "test_export.py::test_round_trip_in_a_process_without_jqat_or_flax",
   "test_gguf.py::test_qat_dense_trains_on_the_files_grid",
   "test_gguf.py::test_round_trip_in_a_fresh_process",
+  "test_compressed_tensors.py::test_nnx_model_with_names",
+  "test_compressed_tensors.py::test_converted_linen_model",
+  "test_compressed_tensors.py::test_layers_that_are_not_dense_can_be_left_out",
 }
 
 
