@@ -201,6 +201,21 @@ def test_plain_orbax_restores_the_same_bits(tmp_path):
   assert _bits(restored) == _bits(served)
 
 
+def test_zero_size_arrays_round_trip(tmp_path):
+  # quantize_model's conversion leaves plain zero-size markers (serving/.../replaced/<param>); Orbax cannot save
+  # zero-size arrays, so they travel as a record of shape and dtype, with and without a target.
+  tree = {"replaced": {"w": jnp.zeros((4, 3, 0), jnp.float32), "t": jnp.zeros((0,), jnp.bfloat16)},
+          "values": jnp.array([1, -2], jnp.int8)}
+  jqat.save_checkpoint(tmp_path / "ckpt", tree)
+  for target in (None, tree, jax.eval_shape(lambda: tree)):
+    restored = jqat.restore_checkpoint(tmp_path / "ckpt", target)
+    assert jax.tree.structure(restored) == jax.tree.structure(tree)
+    kinds = [(x.shape, x.dtype) for x in jax.tree.leaves(restored)]
+    assert kinds == [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+  with pytest.raises(ValueError, match=r"/replaced/w: .* placeholder of shape \(4, 3, 0\).*expects \(4, 5, 0\)"):
+    jqat.restore_checkpoint(tmp_path / "ckpt", {**tree, "replaced": {**tree["replaced"], "w": jnp.zeros((4, 5, 0))}})
+
+
 def test_stock_layer_with_injected_op_round_trips(tmp_path):
   model = nn.Dense(OUT, dot_general_cls=qnn.QatDotGeneral)
   served = _served(model)

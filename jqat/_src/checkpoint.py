@@ -12,8 +12,10 @@ here, because Orbax does not do them:
 - shapes and dtypes checked against the restore target before reading,
   naming the variable and both shapes (Orbax's own error names no variable);
 - ``ConvertedParam`` boxes (the zero-byte place of a float kernel that
-  ``jqat.linen.convert`` replaced in a stock Flax layer) saved as a small
-  record: Orbax cannot save zero-size arrays.
+  ``jqat.linen.convert`` replaced in a stock Flax layer) and every other
+  zero-size array (e.g. the ``serving/.../replaced`` markers that
+  ``quantize_model``'s conversion leaves) saved as a small record of their
+  shape and dtype: Orbax cannot save zero-size arrays.
 
 The checksums guard against corruption, not against forgery. Nothing here
 unpickles or runs code from a checkpoint: Orbax reads JSON metadata and
@@ -38,6 +40,8 @@ _KEY = "jqat_checkpoint"
 _VERSION = 1
 # A ConvertedParam is saved as this record: its shape (``[ndim, *shape]``, never empty) and one element of its dtype.
 _SHAPE, _DTYPE = "converted_param_shape", "converted_param_dtype"
+# Any other zero-size array: the same record under other keys, restored as a zero-size array.
+_ZSHAPE, _ZDTYPE = "zero_size_shape", "zero_size_dtype"
 _BITS = tuple(QuantBits)
 
 
@@ -64,21 +68,34 @@ def _is_box(x) -> bool:
 
 
 def _is_record(x) -> bool:
-  return isinstance(x, Mapping) and set(x) == {_SHAPE, _DTYPE}
+  return isinstance(x, Mapping) and set(x) in ({_SHAPE, _DTYPE}, {_ZSHAPE, _ZDTYPE})
 
 
-def _encode_box(box):
-  marker = box.marker
-  shape = tuple(marker.shape[:-1])
-  if isinstance(marker, jax.ShapeDtypeStruct):
-    return {
-      _SHAPE: jax.ShapeDtypeStruct((len(shape) + 1,), jnp.int32),
-      _DTYPE: jax.ShapeDtypeStruct((1,), marker.dtype),
-    }
-  return {_SHAPE: np.array([len(shape), *shape], np.int32), _DTYPE: np.zeros((1,), marker.dtype)}
+def _is_zero_size(x) -> bool:
+  return (_is_array(x) or isinstance(x, jax.ShapeDtypeStruct)) and 0 in tuple(x.shape)
+
+
+def _shape_record(keys, shape, dtype, abstract: bool):
+  shape_key, dtype_key = keys
+  if abstract:
+    return {shape_key: jax.ShapeDtypeStruct((len(shape) + 1,), jnp.int32), dtype_key: jax.ShapeDtypeStruct((1,), dtype)}
+  return {shape_key: np.array([len(shape), *shape], np.int32), dtype_key: np.zeros((1,), dtype)}
+
+
+def _encode_leaf(x):
+  if _is_box(x):
+    marker = x.marker
+    return _shape_record((_SHAPE, _DTYPE), tuple(marker.shape[:-1]), marker.dtype,
+                         isinstance(marker, jax.ShapeDtypeStruct))
+  if _is_zero_size(x):
+    return _shape_record((_ZSHAPE, _ZDTYPE), tuple(x.shape), x.dtype, isinstance(x, jax.ShapeDtypeStruct))
+  return x
 
 
 def _decode_record(record):
+  if _ZSHAPE in record:
+    code = [int(c) for c in np.asarray(record[_ZSHAPE])]
+    return jnp.zeros(tuple(code[1 : 1 + code[0]]), jnp.result_type(record[_ZDTYPE]))
   code = [int(c) for c in np.asarray(record[_SHAPE])]
   box = _converted_param_type()
   if box is None:
@@ -87,7 +104,7 @@ def _decode_record(record):
 
 
 def _encode(tree):
-  return jax.tree.map(lambda x: _encode_box(x) if _is_box(x) else x, tree, is_leaf=_is_box)
+  return jax.tree.map(_encode_leaf, tree, is_leaf=_is_box)
 
 
 def _decode(tree):
@@ -336,7 +353,30 @@ def restored_state(restored: Any, metadata: Mapping, target: Any = None, *, wher
           f"{where}: {path[: -len('/layout')]}: the checkpoint holds {_describe_layout(leaf)}, but the model "
           f"expects {_describe_layout(want)}: it was converted with other quantization configs."
         )
-  return _decode(restored)
+  out = _decode(restored)
+  if target is not None:
+    _check_placeholders(out, target, where)
+  return out
+
+
+def _placeholder_shape(x) -> tuple:
+  return tuple(x.marker.shape if _is_box(x) else x.shape)
+
+
+def _check_placeholders(out, target, where: str) -> None:
+  # A zero-size placeholder is saved as a record of its shape: the record's own shape does not show the one it holds.
+  flat_out = jax.tree_util.tree_flatten_with_path(out, is_leaf=_is_box)[0]
+  flat_target = dict(jax.tree_util.tree_flatten_with_path(target, is_leaf=_is_box)[0])
+  for p, leaf in flat_out:
+    want = flat_target.get(p)
+    if want is None or not (_is_box(leaf) or _is_zero_size(leaf)):
+      continue
+    if not (_is_box(want) or hasattr(want, "shape")) or _placeholder_shape(leaf) != _placeholder_shape(want):
+      shape = _placeholder_shape(want) if _is_box(want) or hasattr(want, "shape") else type(want).__name__
+      raise ValueError(
+        f"{where}: {_path(p)}: the checkpoint holds a placeholder of shape {_placeholder_shape(leaf)} (a parameter "
+        f"a quantized op replaced), the target expects {shape}: it is a checkpoint of another model."
+      )
 
 
 def save_checkpoint(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
