@@ -103,3 +103,11 @@ def test_counts_equal_np_histogram_property(batches):
   for b in batches:
     state = _update(state, b)
   _check(state, batches, n)
+
+
+@pytest.mark.parametrize("size", [2 * hist_lib.SCATTER_CHUNK, 3 * hist_lib.SCATTER_CHUNK + 77])
+def test_chunked_scatter_equals_np_histogram(size):
+  # Batches larger than one scatter chunk: whole chunks in a loop, then the remainder.
+  (x,) = _batches(3, (size,), (2.5,), 1001)
+  state = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=4096), x)
+  _check(state, [x], 4096)

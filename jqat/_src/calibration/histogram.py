@@ -40,6 +40,8 @@ from jqat._src.calibration import range_stats
 EMPTY_EXPONENT = -150
 DEFAULT_NUM_BINS = 65536
 SEARCH_BINS = 2048
+# Elements per scatter in ``histogram_update``.
+SCATTER_CHUNK = 2**16
 
 
 class HistogramState(NamedTuple):
@@ -125,8 +127,8 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   """Adds the finite values of ``x`` (any shape) to the histogram.
 
   Two passes over ``x``: one reduction for the range (which fixes the
-  exponent), then the bin indices and one scatter-add of them. The scatter,
-  one read-modify-write per element, is what costs.
+  exponent), then the bin indices and a scatter-add of them, chunk by chunk.
+  The scatter, one read-modify-write per element, is what costs.
   """
   x = jnp.asarray(x)
   range_stats.check_nonempty(x)
@@ -141,15 +143,28 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   # |x| * 2^(log2n - e) is exact, so each value's bin is the same whatever the batch; a finite value is below
   # 2^e, so its index is below n. NaN and ±Inf fail the comparison: they are counted in bin 0 and taken out
   # of it after the scatter, so that every index is in bounds and the scatter checks none.
-  scaled = _scale_pow2(jnp.abs(x), log2n - e)
-  idx = jnp.where(scaled < n, scaled, 0).astype(jnp.uint16 if n <= 2**16 else jnp.int32)
-  counts = lax.scatter_add(
-    counts,
-    idx[:, None],
-    jnp.ones(idx.shape, jnp.int32),
-    lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)),
-    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-  )
+  k = log2n - e
+
+  def add(counts, xi):
+    scaled = _scale_pow2(jnp.abs(xi), k)
+    idx = jnp.where(scaled < n, scaled, 0).astype(jnp.uint16 if n <= 2**16 else jnp.int32)
+    return lax.scatter_add(
+      counts,
+      idx[:, None],
+      jnp.ones(idx.shape, jnp.int32),
+      lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)),
+      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+  # In chunks that stay in cache with their indices: XLA:CPU's scatter over one large batch runs several times
+  # slower per element (4M elements at once: 4x the time of 64 chunks of 64K).
+  main = x.size - x.size % SCATTER_CHUNK
+  if main > SCATTER_CHUNK:
+    counts, _ = lax.scan(lambda c, xi: (add(c, xi), None), counts, x[:main].reshape(-1, SCATTER_CHUNK))
+    if main < x.size:
+      counts = add(counts, x[main:])
+  else:
+    counts = add(counts, x)
   counts = counts.at[0].add(-bad)
   return HistogramState(
     counts,
