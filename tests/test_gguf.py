@@ -85,6 +85,29 @@ def test_file_bytes_are_the_reference_quantizers(fmt, seed, tmp_path):
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))  # bit for bit, signed zeros too
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_out_in_kernels_are_written_as_they_are(fmt, tmp_path):
+  """A kernel (out, in) (torch's order, an einsum weight contracted over its last axis) quantized with
+  input_axis=1: the same bytes as gguf.quants.quantize of it, without a transpose, and the same file as its
+  transpose quantized (in, out)."""
+  w = np.ascontiguousarray(_weights(3).T)  # (6, 96): (out, in)
+  t_cfg = jqat.gguf.config(fmt, input_axis=1)
+  q_t = _quantize(jnp.asarray(w), t_cfg)
+  q = _quantize(jnp.asarray(w.T), jqat.gguf.config(fmt))
+  jqat.gguf.save(tmp_path / "w.gguf", {"t": q_t, "k": q})
+  t, k = _file_tensor(tmp_path / "w.gguf", "t"), _file_tensor(tmp_path / "w.gguf", "k")
+  ref = gguf.quants.quantize(w, getattr(GT, fmt))
+  np.testing.assert_array_equal(np.asarray(t.data), ref)
+  np.testing.assert_array_equal(np.asarray(k.data), ref)
+  deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+  np.testing.assert_array_equal(np.asarray(jqat.dequantize(q_t)).view(np.uint32), deq.view(np.uint32))
+  back = jqat.gguf.load(tmp_path / "w.gguf")["t"]  # read back as (in, out)
+  assert back.shape == (96, 6) and back.config == jqat.gguf.config(fmt)
+  np.testing.assert_array_equal(np.asarray(jqat.dequantize(back)).T, deq)
+  with pytest.raises(ValueError, match=r"input_axis=2 is invalid; allowed: 0 \(a kernel \(in, out\)\) or 1"):
+    jqat.gguf.config(fmt, input_axis=2)
+
+
 def _kernels():
   """Hypothesis kernels (64, 2) whose values include exact ties at several scales and repeated magnitudes."""
   return st.integers(-10, 10).flatmap(
@@ -279,7 +302,7 @@ def test_save_bad_shapes_dtypes_and_metadata(tmp_path):
   cfg = jqat.gguf.config("Q8_0")
   with pytest.raises(ValueError, match=r"group_size=32 does not divide axis 0 \(length 40\)"):
     _quantize(jnp.ones((40, 4)), cfg)
-  with pytest.raises(ValueError, match=r"'t' has shape \(64, 2, 2\); Q8_0 holds 2-D kernels"):
+  with pytest.raises(ValueError, match=r"'t' has shape \(64, 2, 2\); Q8_0 holds 2-D kernels.*Reshape the float kernel"):
     jqat.gguf.save(tmp_path / "x.gguf", {"t": _quantize(jnp.ones((64, 2, 2)), cfg)})
   with pytest.raises(ValueError, match=r"'ids' has dtype int32, which jqat does not write"):
     jqat.gguf.save(tmp_path / "x.gguf", {"ids": np.arange(4, dtype=np.int32)})

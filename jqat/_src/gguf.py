@@ -54,13 +54,13 @@ def _gguf():
   return gguf
 
 
-def config(name: str) -> QatConfig:
+def config(name: str, *, input_axis: int = 0) -> QatConfig:
   """The ``QatConfig`` of a llama.cpp format: ``"Q8_0"`` or ``"Q4_0"``.
 
-  Both are symmetric, per-block configs for a Flax kernel ``(in, out)``:
-  blocks of 32 along the input features (``group_size=32, group_axis=0``),
-  one scale per block and output feature (``per_channel=True``), the scale
-  stored as float16, and llama.cpp's rounding:
+  Both are symmetric, per-block configs for a 2-D kernel: blocks of 32
+  along the input features, one scale per block and output feature
+  (``per_channel=True``), the scale stored as float16, and llama.cpp's
+  rounding:
 
   * Q8_0: int8 in ``[-127, 127]``, ``scale_rule="amax_exact"``
     (``d = amax / 127``), ``rounding="half_away_from_zero"``.
@@ -68,11 +68,20 @@ def config(name: str) -> QatConfig:
     negative where the block's largest magnitude is positive),
     ``rounding="half_up_unsigned"`` (``trunc(x / d + 8.5) - 8``).
 
+  ``input_axis`` says which axis of the kernel holds the input features:
+  0 for a Flax kernel ``(in, out)`` (``group_size=32, group_axis=0,
+  channel_axis=-1``); 1 for a kernel ``(out, in)``, llama.cpp's and torch's
+  order, and that of an einsum weight contracted over its last axis (gemma's
+  ``"...F,NHF->...NH"``, or its embedding table for the tied logits):
+  ``group_axis=1, channel_axis=0``. Quantizing an ``(out, in)`` kernel with
+  ``input_axis=0`` would put the blocks on the output features, a grid
+  llama.cpp does not read.
+
   Train with it (``fake_quant``, ``QatDense(weight_config=...)``) and the
   weights seen in training are the ones ``save`` writes, bit for bit.
 
   Raises:
-    ValueError: for any other name, naming the allowed ones.
+    ValueError: for any other name or input axis, naming the allowed ones.
 
   Examples:
     >>> import jax.numpy as jnp, jqat
@@ -82,9 +91,18 @@ def config(name: str) -> QatConfig:
     >>> w = jnp.linspace(-1.0, 0.5, 64).reshape(32, 2)
     >>> float(jqat.fake_quant(w, jqat.qparams_from_array(w, cfg), cfg)[0, 0])
     -1.0
+    >>> t = jqat.gguf.config("Q8_0", input_axis=1)  # a kernel (out, in)
+    >>> jqat.qparams_from_array(w.T, t).scale.shape
+    (2, 1)
   """
   key = name.upper() if isinstance(name, str) else name
-  common = dict(per_channel=True, channel_axis=-1, group_size=BLOCK, group_axis=0, scale_dtype="float16")
+  if input_axis not in (0, 1) or isinstance(input_axis, bool):
+    raise ValueError(
+      f"jqat.gguf.config: input_axis={input_axis!r} is invalid; allowed: 0 (a kernel (in, out)) or 1 (a kernel "
+      "(out, in))"
+    )
+  common = dict(per_channel=True, channel_axis=-1 if input_axis == 0 else 0, group_size=BLOCK,
+                group_axis=input_axis, scale_dtype="float16")
   if key == "Q8_0":
     return QatConfig(bits="int8", narrow_range=True, rounding="half_away_from_zero", scale_rule="amax_exact", **common)
   if key == "Q4_0":
@@ -92,11 +110,13 @@ def config(name: str) -> QatConfig:
   raise ValueError(f"jqat.gguf.config: {name!r} is not a GGUF format jqat writes; allowed: 'Q8_0', 'Q4_0'")
 
 
-def _format_of(cfg: QatConfig) -> str | None:
+def _format_of(cfg: QatConfig) -> tuple[str, int] | tuple[None, None]:
+  """The format and input axis of a config of ``config``'s."""
   for f in _FORMATS:
-    if cfg == config(f):
-      return f
-  return None
+    for axis in (0, 1):
+      if cfg == config(f, input_axis=axis):
+        return f, axis
+  return None, None
 
 
 def _why_not(cfg: QatConfig) -> str:
@@ -105,11 +125,13 @@ def _why_not(cfg: QatConfig) -> str:
     return "asymmetric (Q8_0 and Q4_0 are symmetric: no zero point)"
   if cfg.bits.value not in ("int8", "int4"):
     return f"{cfg.bits.value} (GGUF's Q8_0 is int8 and Q4_0 int4)"
-  if cfg.group_size != BLOCK or cfg.group_axis != 0 or not cfg.per_channel or cfg.channel_axis != -1:
+  layouts = ((0, -1), (1, 0))
+  if cfg.group_size != BLOCK or not cfg.per_channel or (cfg.group_axis, cfg.channel_axis) not in layouts:
     return (
       f"per_channel={cfg.per_channel}, channel_axis={cfg.channel_axis!r}, group_size={cfg.group_size}, "
       f"group_axis={cfg.group_axis} (GGUF blocks are 32 input features of one output: per_channel=True, "
-      "channel_axis=-1, group_size=32, group_axis=0)"
+      "group_size=32 and group_axis=0, channel_axis=-1 for a kernel (in, out) or group_axis=1, channel_axis=0 for "
+      "a kernel (out, in): jqat.gguf.config(name, input_axis=0 or 1))"
     )
   return (
     f"rounding={cfg.rounding.value!r}, scale_rule={cfg.scale_rule.value!r}, scale_dtype={cfg.scale_dtype!r}, "
@@ -119,7 +141,7 @@ def _why_not(cfg: QatConfig) -> str:
 
 def _encode_qtensor(name: str, q: QTensor):
   gguf = _gguf()
-  fmt = _format_of(q.config)
+  fmt, input_axis = _format_of(q.config)
   if fmt is None:
     raise ValueError(
       f"jqat.gguf.save: tensor {name!r} is quantized with a config GGUF cannot hold: {_why_not(q.config)}; "
@@ -127,9 +149,13 @@ def _encode_qtensor(name: str, q: QTensor):
     )
   if q.ndim != 2:
     raise ValueError(
-      f"jqat.gguf.save: tensor {name!r} has shape {q.shape}; {fmt} holds 2-D kernels (in, out), stored as "
-      "llama.cpp's (out, in)"
+      f"jqat.gguf.save: tensor {name!r} has shape {q.shape}; {fmt} holds 2-D kernels, (in, out) or (out, in), "
+      "stored as llama.cpp's (out, in). Reshape the float kernel to 2-D before quantizing it (e.g. an einsum "
+      "weight (N, D, H) contracted over D: w.transpose(1, 0, 2).reshape(D, N * H), a kernel (in, out))"
     )
+  if input_axis == 1:  # already llama.cpp's (out, in): stored as it is
+    q = QTensor(_transposed_values(q), jnp.asarray(q.scale).T, jnp.asarray(q.zero_point).T, config(fmt),
+                q.shape[::-1], q.dequant_dtype)
   n_in, n_out = q.shape
   scale = np.asarray(q.scale, np.float32)  # (in / 32, out)
   if not np.isfinite(scale).all():
@@ -154,6 +180,11 @@ def _encode_qtensor(name: str, q: QTensor):
     qtype = gguf.GGMLQuantizationType.Q4_0
   blocks = np.concatenate([d, body], axis=-1).reshape(n_out, -1)
   return np.ascontiguousarray(blocks), qtype
+
+
+def _transposed_values(q: QTensor):
+  codes = jnp.asarray(q.int_values()).T
+  return pack_int4(codes) if q.config.bits.is_packed else codes
 
 
 def _encode_array(name: str, x):
