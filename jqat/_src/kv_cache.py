@@ -180,15 +180,16 @@ def kv_write(cache: jax.Array, update: jax.Array, index: ArrayLike) -> jax.Array
   index = jnp.asarray(index, jnp.int32)
   zero = jnp.zeros((), jnp.int32)
   starts = (zero,) * (cache.ndim - 3) + (index, zero, zero)
-  return lax.dynamic_update_slice(cache, update.astype(cache.dtype), starts)
+  bits = lax.dynamic_update_slice(storage_bits(cache), storage_bits(update.astype(cache.dtype)), starts)
+  return lax.bitcast_convert_type(bits, cache.dtype)
 
 
 def storage_bits(x: jax.Array) -> jax.Array:
   """``x``'s bytes as unsigned integers of its width (a bitcast), for float formats narrower than 32 bits.
 
-  XLA:CPU computes in bfloat16 and fp8 through float32, so an update of one position of a bfloat16 or fp8
-  cache would convert and rewrite the whole cache; on its bits it stays a write of that position, in place.
-  Other dtypes are returned as they are.
+  XLA:CPU computes in bfloat16 and fp8 through float32, so a write of one position of a bfloat16 or fp8
+  cache would convert the whole cache to float32 and back; on its bits nothing is converted (the bytes
+  written are exactly the update's). Other dtypes are returned as they are.
   """
   if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
     return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))

@@ -495,8 +495,9 @@ def write_position(cache: jax.Array, new: jax.Array, index: jax.Array, after: ja
   """``kv_write(cache, new, index)``, dropped (the cache unchanged) when ``index`` is past the end.
 
   The write goes to the clamped position, and past the end it writes back what that position holds: the
-  same index for the read and the write lets XLA update the cache in place, in one kernel. With ``after``
-  the write also waits for that array (the step's output), so that it comes after every read of the cache.
+  same index for the read and the write lets XLA update the cache in place, in one kernel (bfloat16 and fp8
+  caches are written on their bits, ``storage_bits``). With ``after`` the write also waits for that array
+  (the step's output), so that it comes after every read of the cache.
   """
   last = cache.shape[-3] - 1
   at = jnp.minimum(index, last)
@@ -505,7 +506,7 @@ def write_position(cache: jax.Array, new: jax.Array, index: jax.Array, after: ja
   write = index <= last
   if after is not None:
     write = write & _always(after)
-  return kv_write(cache, lax.bitcast_convert_type(jnp.where(write, new_bits, kept), cache.dtype), at)
+  return lax.bitcast_convert_type(kv_write(bits, jnp.where(write, new_bits, kept), at), cache.dtype)
 
 
 def _quantize_rows(x: jax.Array, config: QatConfig) -> QTensor:
