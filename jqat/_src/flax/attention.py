@@ -536,9 +536,12 @@ def _float_step(query, key, value, keys, values, index, mask, precision):
   q = query[..., 0, :, :] / jnp.sqrt(depth).astype(query.dtype)  # (batch..., heads, depth)
   scores = _scores(keys, _block_diagonal(q), precision=precision)
   scores = jnp.where(here, jnp.sum(q * key[..., 0, :, :], axis=-1, keepdims=True), scores)
-  weights = _softmax_rows(scores[..., None, :], mask)[..., 0, :]  # (batch..., heads, length)
-  out = _diagonal(_weighted(jnp.where(here, 0.0, weights), values, precision=precision))
-  return out + _at(weights, index) * value[..., 0, :, :]
+  if mask is not None:
+    scores = jnp.where(mask[..., 0, :], scores, jnp.finfo(jnp.float32).min)
+  # The softmax's normalization after p·v, Σ_t e_t v_t / Σ_t e_t: one division, in the last kernel.
+  e = jnp.exp(scores - lax.stop_gradient(_reduce(jnp.maximum, scores)))  # (batch..., heads, length)
+  out = _diagonal(_weighted(jnp.where(here, 0.0, e), values, precision=precision))
+  return (out + _at(e, index) * value[..., 0, :, :]) / _reduce(jnp.add, e)
 
 
 def _quantized_step(query, new: dict, cache: dict, index, mask, cfg: KVCacheConfig, qk_config, pv_config):
