@@ -243,3 +243,52 @@ def test_ones_row_forward_equals_the_zero_point_corrected_sums(bits):
   assert float(zp) != 0  # the zero point's term is there to get right
   assert ones.shape == plain.shape == (2, 3, 5)
   np.testing.assert_array_equal(ones, plain)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_own_range_qparams_equal_qparams_from_array(symmetric):
+  from jqat._src.flax import common
+
+  rng = np.random.default_rng(6)
+  w = rng.standard_normal((16, 5)).astype(np.float32)
+  cfg = jqat.QatConfig(symmetric=symmetric, per_channel=True, channel_axis=1)
+  bad = w.copy()
+  bad[3, 2], bad[5, 4] = np.nan, -np.inf
+
+  @jax.jit
+  def run(w, bad):
+    return common.own_range_qparams(w, cfg), common.own_range_qparams(bad, cfg), jqat.qparams_from_array(bad, cfg)
+
+  (qp, mark), (qp_bad, mark_bad), ref_bad = run(w, bad)
+  ref = jqat.qparams_from_array(w, cfg)
+  np.testing.assert_array_equal(qp.scale, ref.scale)
+  np.testing.assert_array_equal(qp.zero_point, ref.zero_point)
+  np.testing.assert_array_equal(mark, np.zeros((1, 5)))
+  # Without marked_blocks a block that is not finite gets its finite values' range, as qparams_from_array gives.
+  np.testing.assert_array_equal(qp_bad.scale, ref_bad.scale)
+  np.testing.assert_array_equal(qp_bad.zero_point, ref_bad.zero_point)
+  np.testing.assert_array_equal(np.isnan(mark_bad), [[False, False, True, False, True]])
+
+
+def test_layer_dot_marks_the_columns_of_a_non_finite_kernel():
+  # The layers' dot takes the kernel's range itself (rhs_qp None): its finite columns are the bits of
+  # qat_dot_general with qparams_from_array, its non-finite columns NaN (the float dot's non-finite cells).
+  from jqat._src.flax import common
+
+  x, w = _data(seed=7)
+  w[3, 2], w[5, 4] = np.nan, np.inf
+  wcfg = jqat.QatConfig(per_channel=True, channel_axis=1)
+
+  @jax.jit
+  def run(x, w):
+    xqp = jqat.qparams_from_array(x, XCFG)
+    own = common.quantized_dot_general(x, w, MATMUL, xqp, None, XCFG, wcfg)
+    ref = jqat.qat_dot_general(x, w, MATMUL, xqp, jqat.qparams_from_array(w, wcfg), lhs_config=XCFG, rhs_config=wcfg)
+    return own, ref
+
+  own, ref = (np.asarray(a) for a in run(x, w))
+  with np.errstate(invalid="ignore"):
+    expected = np.isfinite(x @ w)
+  np.testing.assert_array_equal(np.isfinite(own), expected)
+  assert np.isnan(own[:, [2, 4]]).all()
+  np.testing.assert_array_equal(own[:, [0, 1, 3]], ref[:, [0, 1, 3]])

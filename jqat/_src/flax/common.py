@@ -195,36 +195,47 @@ def activation_qparams(
   return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats
 
 
-def own_range_qparams(x: jax.Array, config: QatConfig) -> tuple[QParams, jax.Array | None]:
-  """``qparams_from_array(x, config)``, and where ``x`` holds NaN or ±Inf: 0 or NaN per block (or None).
+def own_range_qparams(
+  x: jax.Array, config: QatConfig, *, marked_blocks: bool = False
+) -> tuple[QParams, jax.Array | None]:
+  """``qparams_from_array(x, config)`` from one plain reduction, and 0 or NaN per block (NaN: the block is not finite).
 
-  The same parameters, bit for bit, from one plain reduction (``max |x|`` for
-  a symmetric format, min and max otherwise) instead of the masked
-  reductions of ``array_range``: NaN and ±Inf propagate through ``max`` and
-  ``min``, so finite results prove the whole tensor finite, and only
-  otherwise (``lax.cond``) is the range taken again without them. The
-  reduction's result also says, per block, whether the block held a
-  non-finite value: the returned mark is NaN there and 0 elsewhere, in the
-  parameter layout. Per-group configs take ``qparams_from_array`` as it is
+  One reduction (``max |x|`` for a symmetric format, min and max otherwise)
+  instead of the masked reductions of ``array_range``: NaN and ±Inf
+  propagate through ``max`` and ``min``, so finite results prove a block
+  finite, and every finite block gets the same parameters, bit for bit. The
+  returned mark (parameter layout) is NaN for the blocks that are not.
+
+  Those blocks: with ``marked_blocks`` (the caller makes every output of such
+  a block NaN, as the QAT dot does for a per-channel kernel's columns) they
+  get scale 1 and zero point 0, a finite grid that nothing reads as a
+  result, with no second pass. Otherwise, as ``qparams_from_array``, their
+  finite values' range, taken again under ``lax.cond`` only when some block
+  is not finite. Per-group configs take ``qparams_from_array`` as it is
   (mark None).
+
+  A ``lax.cond`` per layer costs compile time (it was two thirds of the
+  compile-time excess of a 12-block transformer's QAT step), hence
+  ``marked_blocks``.
   """
   x = lax.stop_gradient(jnp.asarray(x))
   if config.group_size is not None or x.size == 0:
     return qparams_lib.qparams_from_array(x, config), None
   axes = qparams_lib.reduce_axes(x.shape, config)
+  shape = qparams_lib.params_shape(x.shape, config)
   if config.symmetric:
-    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True).reshape(shape)
     lo, hi, finite = -amax, amax, jnp.isfinite(amax)
   else:
-    lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+    lo = jnp.min(x, axis=axes, keepdims=True).reshape(shape)
+    hi = jnp.max(x, axis=axes, keepdims=True).reshape(shape)
     finite = jnp.isfinite(lo) & jnp.isfinite(hi)
-  shape = qparams_lib.params_shape(x.shape, config)
-  lo, hi = lax.cond(
-    jnp.all(finite),
-    lambda: (lo.reshape(shape), hi.reshape(shape)),
-    lambda: qparams_lib.array_range(x, config),
-  )
-  mark = jnp.where(finite, jnp.zeros((), jnp.float32), jnp.float32(jnp.nan)).reshape(shape)
+  mark = jnp.where(finite, jnp.zeros((), jnp.float32), jnp.float32(jnp.nan))
+  if marked_blocks:
+    qp = qparams_lib.qparams_from_range(jnp.where(finite, lo, 0), jnp.where(finite, hi, 0), config)
+    one = jnp.ones((), qp.scale.dtype)
+    return QParams(jnp.where(finite, qp.scale, one), jnp.where(finite, qp.zero_point, 0)), mark
+  lo, hi = lax.cond(jnp.all(finite), lambda: (lo, hi), lambda: qparams_lib.array_range(x, config))
   return qparams_lib.qparams_from_range(lo, hi, config), mark
 
 
@@ -249,17 +260,21 @@ def quantized_dot_general(
   per-token activation; their all-ones STE masks are skipped. ``rhs_qp``
   None: the kernel's own range is taken here (``own_range_qparams``), whose
   reduction also gives the kernel's non-finite mark when its blocks are its
-  columns.
+  columns (a per-channel kernel); a column holding NaN or ±Inf then gets
+  scale 1 (its outputs are NaN through the mark, its gradient for the
+  input is that of the float dot at a finite stand-in).
   """
   lhs_own_range = lhs_config is not None and (lhs_config.per_channel or lhs_config.group_size is not None)
 
   def dot(lhs, rhs, lhs_qp, rhs_qp):
     rhs_mark = None
     if rhs_qp is None and rhs_config is not None:
-      rhs_qp, rhs_mark = own_range_qparams(rhs, rhs_config)
       (_, rc), _ = dimension_numbers
-      if rhs_mark is not None and set(qparams_lib.reduce_axes(rhs.shape, rhs_config)) != {a % rhs.ndim for a in rc}:
-        rhs_mark = None  # one mark per tensor, not per column
+      # Blocks that are the kernel's columns: the dot marks a non-finite one's outputs from this mark.
+      columns = set(qparams_lib.reduce_axes(rhs.shape, rhs_config)) == {a % rhs.ndim for a in rc}
+      rhs_qp, rhs_mark = own_range_qparams(rhs, rhs_config, marked_blocks=columns)
+      if not columns:
+        rhs_mark = None  # one mark per tensor, not per column: the dot marks the columns itself
     return dot_general_with_mark(
       lhs,
       rhs,
