@@ -380,6 +380,17 @@ def test_layers_that_are_not_dense_can_be_left_out(tmp_path):
   assert sorted(jct.load(tmp_path)) == ["model.proj"]
 
 
+def test_convolutions_are_refused_not_written_as_linears(tmp_path):
+  # A per-channel conv kernel (3, 3, 2, 4) has scales like a 3-axis einsum weight's; it is still no Linear layer.
+  x = jnp.ones((1, 6, 6, 2))
+  w8 = C(bits="int8", per_channel=True)
+  for model in (qnn.QatConv(4, (3, 3), weight_config=w8, activation_config=None),
+                qnn.quantize_model(nn.Conv(4, (3, 3)), [jqat.Rule(".*", weight=w8)])):
+    served = jax.jit(qnn.convert, static_argnums=0)(model, jax.jit(model.init)(jax.random.key(0), x), x)
+    with pytest.raises(ValueError, match=r"layer 'QatConvGeneralDilated_0'.*kernel has shape \(3, 3, 2, 4\).*names="):
+      jct.save(tmp_path, served)
+
+
 # --- reading bad files -----------------------------------------------------------------------------------------------
 
 

@@ -33,16 +33,29 @@ bit for bit.
 
 Layer names: a Flax path with dots, without the quantized op's own name (the
 layer owns the kernel): linen ``serving/Dense_0/quant`` is ``"Dense_0"``, NNX
-``model.blocks[0].dot_general`` is ``"blocks.0"``. Pass ``names`` to map them
-onto the names of the torch model that will load the file (e.g.
-``"model.layers.0.mlp.up_proj"``).
+``model.blocks[0].dot_general`` is ``"blocks.0"``, a module's own parameter
+contracted by ``jnp.einsum`` (``quantize_model`` on gemma's ``Einsum``,
+``serving/layer_0/attn/q_einsum/w_quant``) is the module's path,
+``"layer_0.attn.q_einsum"``. Pass ``names`` to map them onto the names of the
+torch model that will load the file (e.g. ``"model.layers.0.mlp.up_proj"``);
+a list of names splits a layer along its kernel's first output axis (gemma's
+``kv_einsum`` ``(2, K, D, H)`` into ``k_proj`` and ``v_proj``).
+
+Kernels of any number of axes (einsum and ``DenseGeneral`` weights, and
+kernels ``(out, in)``) are written as the Linear weight ``(out, in)`` whose
+input features are the contracted axes, in order, and whose outputs are the
+others, in order: gemma's ``q_einsum`` ``(N, D, H)`` is ``q_proj``'s
+``(N * H, D)``. Serving variables do not record an equation, so the axes are
+read from the scales (per channel or per group: the contracted axes are the
+reduced ones) or from the column sums of an asymmetric activation; a
+per-tensor einsum weight without sums is refused, never guessed.
 
 What compressed-tensors cannot hold raises ``ValueError`` naming the layer:
 fp8 e5m2; narrow-range or per-group activations (its activations use the full
 integer range, per tensor or per token); an AWQ / SmoothQuant input divisor
-(fold it into the layer before, ``jqat.fold_into_layernorm``); kernels that are
-not a 2-D ``(in, out)`` Dense kernel (conv, ``DenseGeneral`` with several
-axes, einsum kernels, embedding tables).
+(fold it into the layer before, ``jqat.fold_into_layernorm``); conv kernels and
+``nn.Embed`` / ``nnx.Embed`` tables; per-group weights contracted over more
+than one axis.
 
 Reading (``load``) never runs code from the files: the tensors come through
 ``safetensors`` and the configs through ``json``; nothing is unpickled.
@@ -68,7 +81,7 @@ from jqat._src import qparams as qparams_lib
 from jqat._src.config import QatConfig
 from jqat._src.formats import QuantBits
 from jqat._src.qparams import QParams
-from jqat._src.qtensor import QTensor, check_qtensor, pack_int4
+from jqat._src.qtensor import PACK_AXIS, QTensor, check_qtensor, pack_int4, unpack_int4
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a checkpoint in several shards
@@ -134,8 +147,9 @@ def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
   shape = tuple(code[7:])
   if len(shape) != 2:
     raise ValueError(
-      f"{where}: compressed-tensors holds 2-D Linear weights; this layer's kernel has shape {shape} "
-      f"({common.describe_layout(code)}). Export Dense layers (kernel (in, out)) only."
+      f"{where}: compressed-tensors holds Linear weights; this layer's kernel has shape {shape} "
+      f"({common.describe_layout(code)}), and it is not a Dense, DenseGeneral or einsum weight whose scales say "
+      "which axes it contracts (a convolution, or a per-tensor scale). Leave it out with names=."
     )
   cfg = QatConfig(
     bits=_bits_of(bits), symmetric=bool(symmetric), narrow_range=bool(narrow), per_channel=bool(per_channel),
@@ -152,6 +166,92 @@ def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
       f"{where}: the kernel of shape {shape} is not a Dense kernel (in, out) with its scales on the output "
       f"features ({e})."
     ) from None
+
+
+def _einsum_qtensor(where: str, entry: Mapping) -> tuple[QTensor, int] | None:
+  """A kernel of any axes as a Linear weight ``(in, out)``, and the length of its first output axis.
+
+  Serving variables record a kernel's shape and format but not its equation;
+  the scales say it: a per-channel or per-group scale keeps the length of each
+  output axis and reduces the contracted ones (to 1, or to the number of
+  groups), and so do the column sums of an asymmetric activation. The
+  contracted axes, in order, become the input features and the others, in
+  order, the output features (gemma's ``q_einsum`` ``(N, D, H)`` is a Linear
+  ``(D, N * H)``, its gating weight ``(2, F, D)`` of ``"...F,NHF->...NH"`` a
+  Linear ``(D, 2 * F)``). None when they do not say it (a per-tensor scale
+  without sums).
+  """
+  from jqat._src.flax import common  # noqa: PLC0415
+
+  if "layout" not in entry:
+    raise ValueError(f"{where}: the serving variables of the kernel record no 'layout'; convert the model again.")
+  code = [int(c) for c in np.asarray(entry["layout"]).reshape(-1)]
+  if len(code) < 7 or len(code) != 7 + code[6]:
+    raise ValueError(f"{where}: the kernel's serving variables hold {common.describe_layout(code)}.")
+  bits, symmetric, narrow, per_channel, group = code[:5]
+  shape = tuple(code[7:])
+  cfg = QatConfig(
+    bits=_bits_of(bits), symmetric=bool(symmetric), narrow_range=bool(narrow), per_channel=bool(per_channel),
+    group_size=group or None,
+  )
+  values = np.asarray(entry["values"])
+  codes = np.asarray(unpack_int4(values, shape[PACK_AXIS])) if cfg.bits.is_packed and shape else values
+  scale, zp = np.asarray(entry["scale"], np.float32), np.asarray(entry["zero_point"], np.float32)
+  described = common.describe_layout(code)
+  reduced = None
+  for held in (scale, np.asarray(entry["sums"]) if "sums" in entry else None):
+    if held is not None and held.ndim == len(shape) and held.shape != shape:
+      reduced = tuple(a for a in range(len(shape)) if held.shape[a] != shape[a])
+      break
+  if reduced is None:
+    return None
+  if codes.shape != shape or scale.shape != zp.shape or not np.array_equal(common.weight_layout(cfg, shape), code):
+    raise ValueError(f"{where}: the serving variables of the {described} do not fit it (values {codes.shape}, "
+                     f"scale {scale.shape}, zero point {zp.shape}); convert the model again.")
+  outputs = tuple(a for a in range(len(shape)) if a not in reduced)
+  if not reduced or not outputs:
+    raise ValueError(f"{where}: the {described} has scales of shape {scale.shape}, which leave it no "
+                     f"{'contracted' if not reduced else 'output'} axis.")
+  grouped = [a for a in reduced if scale.ndim and scale.shape[a] != 1]
+  if cfg.group_size is not None and (len(grouped) > 1 or sum(shape[a] > 1 for a in reduced) > 1):
+    raise ValueError(
+      f"{where}: the {described} is quantized per group of {cfg.group_size} but contracts over the axes {reduced} "
+      f"of shape {tuple(shape[a] for a in reduced)}; compressed-tensors' groups run along one input axis."
+    )
+  n_in, n_out = int(np.prod([shape[a] for a in reduced])), int(np.prod([shape[a] for a in outputs]))
+  perm = reduced + outputs
+  kernel = np.ascontiguousarray(codes.transpose(perm).reshape(n_in, n_out))
+  if scale.ndim:
+    scale = np.ascontiguousarray(scale.transpose(perm).reshape(-1, n_out))
+    zp = np.ascontiguousarray(zp.transpose(perm).reshape(-1, n_out))
+  cfg2 = cfg.replace(channel_axis=-1, group_axis=0)
+  try:
+    q = QTensor(pack_int4(kernel) if cfg.bits.is_packed else kernel, scale, zp, cfg2, (n_in, n_out))
+  except ValueError as e:
+    raise ValueError(f"{where}: the {described} does not read as a Linear weight ({n_in}, {n_out}): {e}") from None
+  return q, shape[outputs[0]]
+
+
+def _kernel_of(where: str, entry: Mapping, dense: bool) -> tuple[QTensor, int]:
+  """The Linear weight ``(in, out)`` of a kernel's serving variables, and the length of its first output axis.
+
+  ``dense``: the kernel is known to be ``(in, out)`` (a Dense layer's), so a
+  per-tensor scale that says nothing of the axes is read that way.
+  """
+  found = _einsum_qtensor(where, entry)
+  if found is not None:
+    return found
+  if dense:
+    q = _weight_qtensor(where, entry)
+    return q, q.shape[1]
+  from jqat._src.flax import common  # noqa: PLC0415
+
+  raise ValueError(
+    f"{where}: the {common.describe_layout(entry['layout'])} is a module's own parameter contracted by an einsum or "
+    "dot, and its per-tensor scale (without column sums) does not say which of its axes are contracted; "
+    "compressed-tensors needs a Linear weight (out, in). Quantize it per channel (per_channel=True), or leave the "
+    "layer out with names=."
+  )
 
 
 def _activation_of(where: str, entry: Mapping) -> tuple[QatConfig, QParams]:
@@ -186,30 +286,38 @@ def _linen_layers(variables: Mapping, activation) -> dict[str, tuple[str, Layer,
   for op in ops:
     default = _dotted(op[:-1] or op)
     try:
-      layer = _linen_layer(op, flat, params, activation, f"layer '{default}' (serving/{'/'.join(map(str, op))})")
+      layer, lead = _linen_layer(op, flat, params, activation,
+                                 f"layer '{default}' (serving/{'/'.join(map(str, op))})")
     except ValueError as e:  # raised by layers() unless names= leaves the layer out
-      layer = e
-    out[_dotted(op)] = (default, layer, "sums" in {p[-1] for p in flat if p[:-1] == op + ("rhs",)})
+      layer, lead = e, None
+    out[_dotted(op)] = (default, layer, "sums" in {p[-1] for p in flat if p[:-1] == op + ("rhs",)}, lead)
   return out
 
 
-def _linen_layer(op: tuple, flat: dict, params: dict, activation, where: str) -> Layer:
+def _linen_layer(op: tuple, flat: dict, params: dict, activation, where: str) -> tuple[Layer, int]:
   from flax.core import meta  # noqa: PLC0415
 
   rhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("rhs",)}
   replaced = sorted(p[-1] for p in flat if p[:-1] == op[:-1] + ("replaced",))
-  if replaced and "kernel" not in replaced:
-    raise _not_dense_error(where, replaced[0])
+  if "embedding" in replaced:  # nn.Embed's table (lookup and attend)
+    raise _not_dense_error(where, "embedding")
   if op + ("input_scale",) in flat:
     raise _input_scale_error(where)
-  weight = _weight_qtensor(where, rhs)
+  # A layer's own op ("quant": Dense, DenseGeneral, Einsum, jqat's layers) holds a kernel; "<param>_quant" is a
+  # module's own parameter that an einsum or dot contracts (gemma's Einsum "w", its tied embedding table). Any
+  # other op (a convolution's, an op handed to a stock layer) must hold a Dense kernel (in, out) itself.
+  if op[-1] == "quant" or str(op[-1]).endswith("_quant"):
+    weight, lead = _kernel_of(where, rhs, dense=op[-1] == "quant")
+  else:
+    weight = _weight_qtensor(where, rhs)
+    lead = weight.shape[1]
   lhs = {p[-1]: v for p, v in flat.items() if p[:-1] == op + ("lhs",)}
   if lhs:
     act, qp = _activation_of(where, lhs)
   else:
     act = activation(_dotted(op[:-1] or op)) if callable(activation) else activation
     qp = None
-  return Layer(weight, act, qp, meta.unbox(params.get(op[:-1] + ("bias",))))
+  return Layer(weight, act, qp, meta.unbox(params.get(op[:-1] + ("bias",)))), lead
 
 
 def _nnx_layers(model) -> dict[str, tuple[str, Layer, bool]]:
@@ -225,10 +333,10 @@ def _nnx_layers(model) -> dict[str, tuple[str, Layer, bool]]:
     layer_path = path[:-1] or path
     where = f"layer '{_dotted(layer_path)}' ({type(m).__name__} at {_dotted(path)})"
     try:
-      layer = _nnx_layer(m, modules.get(path[:-1]) if path else None, where)
+      layer, lead = _nnx_layer(m, modules.get(path[:-1]) if path else None, where)
     except ValueError as e:  # raised by layers() unless names= leaves the layer out
-      layer = e
-    out[_dotted(path)] = (_dotted(layer_path), layer, "sums" in m.rhs_serving.get_value())
+      layer, lead = e, None
+    out[_dotted(path)] = (_dotted(layer_path), layer, "sums" in m.rhs_serving.get_value(), lead)
   return out
 
 
@@ -241,7 +349,12 @@ def _nnx_layer(m, parent, where: str) -> Layer:
     raise _input_scale_error(where)
   if parent is not None and hasattr(parent, "embedding") and not hasattr(parent, "kernel"):
     raise _not_dense_error(where, "embedding")
-  weight = _weight_qtensor(where, m.rhs_serving.get_value())
+  entry = m.rhs_serving.get_value()
+  if isinstance(parent, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+    weight, lead = _kernel_of(where, entry, dense=isinstance(parent, nnx.Linear))
+  else:  # a convolution's, or a jqat layer's own: a Dense kernel (in, out) or an error
+    weight = _weight_qtensor(where, entry)
+    lead = weight.shape[1]
   lhs = m.lhs_serving.get_value() if m.lhs_serving is not None else None
   if lhs is not None:
     act, qp = _activation_of(where, lhs)
@@ -249,7 +362,7 @@ def _nnx_layer(m, parent, where: str) -> Layer:
     act = m.lhs_config if common.is_dynamic(m.lhs_config) else None
     qp = None
   bias = getattr(parent, "bias", None) if parent is not None else None
-  return Layer(weight, act, qp, bias.get_value() if isinstance(bias, nnx.Variable) else bias)
+  return Layer(weight, act, qp, bias.get_value() if isinstance(bias, nnx.Variable) else bias), lead
 
 
 def _not_dense_error(where: str, param: str) -> ValueError:
@@ -291,17 +404,23 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
       without the quantized op) to the name to write, or a function of the
       default name that returns it. A name of None leaves the layer out (e.g.
       an embedding table or a conv, which compressed-tensors' Linear layers
-      cannot hold).
+      cannot hold); a list of names splits the layer into one Linear layer
+      per index of its kernel's first output axis, whose length must be the
+      number of names (a fused or stacked projection: gemma's ``kv_einsum``
+      into ``[k_proj, v_proj]``, its gating einsum into
+      ``[gate_proj, up_proj]``).
 
   Returns:
     ``{name: Layer}``, in the order of the layers' Flax paths.
 
   Raises:
     ValueError: for variables that are not converted, two layers with one
-      name, a name the mapping lacks, a layer whose variables contradict
-      ``activation``, or a layer that is not a Dense layer (an embedding, a
-      conv, a kernel of other than two axes, an AWQ input divisor) and that
-      ``names`` does not leave out.
+      name, a name the mapping lacks, a list of names whose length is not
+      that of the kernel's first output axis, a layer whose variables
+      contradict ``activation``, or a layer compressed-tensors cannot hold as
+      a Linear layer (an ``Embed`` table, a conv, an einsum weight whose
+      per-tensor scale does not say which axes it contracts, an AWQ input
+      divisor) that ``names`` does not leave out.
     TypeError: for an input of another kind.
 
   Examples:
@@ -321,7 +440,7 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
         raise TypeError(f"jqat.compressed_tensors: layer names must be strings, got {k!r}.")
       v = Layer(v) if isinstance(v, QTensor) else v
       check_qtensor(v.weight, f"jqat.compressed_tensors: layer '{k}'", "weight")
-      found[k] = (k, v, None)  # None: no serving variables to check the activation against
+      found[k] = (k, v, None, v.weight.shape[1])  # None: no serving variables to check the activation against
   elif isinstance(served, Mapping):
     found = _linen_layers(served, activation)
   elif _is_nnx(served):
@@ -336,7 +455,7 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
       f"or a mapping {{name: QTensor | Layer}}; got {type(served).__name__}."
     )
   out = {}
-  for op, (default, layer, sums) in found.items():
+  for op, (default, layer, sums, lead) in found.items():
     name = _rename(default, names)
     if name is None:
       continue
@@ -352,16 +471,42 @@ def layers(served, *, activation=None, names=None) -> dict[str, Layer]:
         f"activation={act} says otherwise; pass the activation config it was trained with, e.g. "
         "activation=jqat.QatConfig(per_channel=True, symmetric=False) or activation=jqat.QatConfig(per_channel=True)."
       )
-    if name in out:
-      raise ValueError(
-        f"two quantized layers are both named '{name}' (the second is the op at '{op}'); pass names= to tell them "
-        "apart."
-      )
-    out[name] = layer
+    parts = [name] if isinstance(name, str) else list(name)
+    pieces = [layer] if isinstance(name, str) else _split(default, layer, len(parts), lead)
+    for part, piece in zip(parts, pieces, strict=True):
+      if part in out:
+        raise ValueError(
+          f"two quantized layers are both named '{part}' (the second is the op at '{op}'); pass names= to tell them "
+          "apart."
+        )
+      out[part] = piece
   return out
 
 
-def _rename(default: str, names) -> str | None:
+def _split(default: str, layer: Layer, n: int, lead: int | None) -> list[Layer]:
+  """``layer`` as ``n`` Linear layers, one per index of its kernel's first output axis (of length ``n``)."""
+  q = layer.weight
+  if lead != n:
+    raise ValueError(
+      f"names gives {n} names for the layer '{default}', whose kernel's first output axis has length {lead} (the "
+      f"Linear weight is {q.shape[::-1]} (out, in)); a list of names splits a layer along that axis, one name per "
+      "index (e.g. gemma's kv_einsum into k_proj and v_proj)."
+    )
+  width = q.shape[1] // n
+  scale, zp = np.asarray(q.scale), np.asarray(q.zero_point)
+  bias = None if layer.bias is None else np.asarray(layer.bias)
+  out = []
+  for i in range(n):
+    cols = slice(i * width, (i + 1) * width)
+    weight = QTensor(
+      np.asarray(q.values)[:, cols], scale[:, cols] if scale.ndim else scale, zp[:, cols] if zp.ndim else zp,
+      q.config, (q.shape[0], width), q.dequant_dtype,
+    )
+    out.append(layer._replace(weight=weight, bias=None if bias is None else bias[cols]))
+  return out
+
+
+def _rename(default: str, names) -> str | list | tuple | None:
   if names is None:
     return default
   if isinstance(names, Mapping):
@@ -372,9 +517,20 @@ def _rename(default: str, names) -> str | None:
     name = names(default)
   else:
     raise TypeError(f"names must be None, a mapping or a function of the layer's name; got {type(names).__name__}.")
-  if name is not None and (not isinstance(name, str) or not name or name != name.strip() or name.endswith(".")):
-    raise ValueError(f"names gives {name!r} for the layer '{default}'; expected a non-empty dotted name.")
+  if isinstance(name, (list, tuple)) and name:
+    for part in name:
+      _check_name(part, default)
+  elif name is not None:
+    _check_name(name, default)
   return name
+
+
+def _check_name(name, default: str) -> None:
+  if not isinstance(name, str) or not name or name != name.strip() or name.endswith("."):
+    raise ValueError(
+      f"names gives {name!r} for the layer '{default}'; expected a non-empty dotted name, a list of them (one per "
+      "index of the kernel's first output axis), or None."
+    )
 
 
 # --- what compressed-tensors holds -------------------------------------------------------------------------------
@@ -579,8 +735,9 @@ def save(directory: str | os.PathLike, served, *, activation=None, names=None) -
       a frozen range (None: weight-only; ``QatConfig(per_channel=True)``:
       int8 per token), or a function of the layer's name.
     names: maps the default names (Flax paths with dots) to the names to
-      write: a mapping, or a function that returns a name or None (leave the
-      layer out).
+      write: a mapping, or a function that returns a name, a list of names
+      (split the layer along its kernel's first output axis) or None (leave
+      the layer out).
 
   Returns:
     The ``quantization_config`` written into ``config.json``, as a dict.
@@ -588,7 +745,8 @@ def save(directory: str | os.PathLike, served, *, activation=None, names=None) -
   Raises:
     ValueError: naming the layer, for what compressed-tensors cannot hold
       (fp8 e5m2, narrow-range or per-group activations, an AWQ input divisor,
-      a kernel that is not 2-D ``(in, out)``), and for inputs ``layers`` rejects.
+      a conv or embedding table, an einsum weight whose contracted axes its
+      scales do not show), and for inputs ``layers`` rejects.
     ImportError: without torch or compressed-tensors.
 
   Examples:
