@@ -12,6 +12,7 @@ compressed-tensors and GGUF, each checked by that format's own library:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -221,35 +222,40 @@ def _int8_dots(exported) -> int:
   return sum(a.endswith("xi8") and b.endswith("xi8") and out.endswith("xi32") for a, b, out in dots)
 
 
+def _qat_and_served(qm, key, ids):
+  # Activation ranges from a QAT forward (moving averages), then convert: one compiled program for all three.
+  v = qm.init(key, ids)
+  _, stats = qm.apply(v, ids, mutable=["quant_stats"])
+  qat = {**v, **stats}
+  return qat, jqat.linen.convert(qm, qat, ids)
+
+
 @pytest.fixture(scope="module")
 def gemma():
   ids = _ids()
   qm = jqat.linen.quantize_model(Gemma(), GEMMA_RULES)
-  qat = jax.jit(qm.init)(jax.random.key(0), ids)
-  qat = jqat.linen.calibrate(qm, qat, [ids], method="minmax")
-  served = jax.jit(lambda v, x: jqat.linen.convert(qm, v, x))(qat, ids)
+  qat, served = jax.jit(functools.partial(_qat_and_served, qm))(jax.random.key(0), ids)
   serve = jax.jit(lambda v, x: qm.apply(v, x))
   return qm, qat, served, ids, serve(served, ids), serve
 
 
-def _hf(convert: bool):
+def _hf():
+  """The NNX model, quantized and converted, and its float parameters before conversion."""
   def build():
     model = jqat.nnx.quantize_model(HfForCausalLM(nnx.Rngs(0)), HF_RULES)
     model(_ids())  # moving-average activation ranges
-    if convert:
-      jqat.nnx.convert(model)
-    return model
+    floats = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jqat.nnx.convert(model)
+    return model, floats
 
   return nnx.jit(build)()  # one compiled program instead of the ops one by one
 
 
 @pytest.fixture(scope="module")
 def hf():
-  model = _hf(convert=False)
-  floats = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  jqat.nnx.convert(model)
+  model, floats = _hf()
   ids = _ids()
-  return model, floats, ids, nnx.jit(lambda m, x: m(x))(model, ids)
+  return model, jax.tree.map(np.asarray, floats), ids, nnx.jit(lambda m, x: m(x))(model, ids)
 
 
 # --- Orbax ---------------------------------------------------------------------------------------------------------
@@ -313,7 +319,7 @@ def test_gemma_qat_run_resumes_from_a_checkpoint_manager(gemma, tmp_path):
 def test_hf_nnx_state_round_trips_through_orbax(hf, tmp_path):
   model, _, ids, y = hf
   jqat.save_checkpoint(tmp_path / "state", nnx.state(model))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _hf(convert=True)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _hf()[0]))
   restored = jqat.restore_checkpoint(tmp_path / "state", abstract)
   _same_bits(restored, nnx.state(model))
   assert _bits(nnx.jit(lambda m, x: m(x))(nnx.merge(graphdef, restored), ids)) == _bits(y)
@@ -423,11 +429,11 @@ def test_gemma_names_that_collide_or_do_not_split(gemma, tmp_path):
 
 def test_per_tensor_einsum_weights_are_refused_not_transposed(tmp_path):
   # A per-tensor scale (symmetric activations: no column sums) does not say which axes an einsum contracts.
-  ids = _ids()
+  x = jnp.ones((2, D))
   w8 = jqat.QatConfig(bits="int8")
-  qm = jqat.linen.quantize_model(Gemma(), [jqat.Rule("layer_0/mlp/Einsum_0", weight=w8)])
-  served = jax.jit(lambda v, x: jqat.linen.convert(qm, v, x))(jax.jit(qm.init)(jax.random.key(0), ids), ids)
-  with pytest.raises(ValueError, match=r"layer 'layer_0.mlp.Einsum_0'.*per-tensor scale.*does not say which of its "
+  qm = jqat.linen.quantize_model(FeedForward(), [jqat.Rule("Einsum_0", weight=w8)])
+  served = jax.jit(lambda k, x: jqat.linen.convert(qm, qm.init(k, x), x))(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"layer 'Einsum_0'.*per-tensor scale.*does not say which of its "
                                        r"axes are contracted.*per_channel=True.*names="):
     jqat.compressed_tensors.save(tmp_path, served)
 
@@ -462,7 +468,7 @@ def _gguf_tensors(fmt, params):
     return jqat.quantize(w, jqat.qparams_from_array(w, cfg), cfg)
 
   out = {"token_embd.weight": q(params["embedder"]["input_embedding"], 1),  # (vocab, d): rows are the outputs
-         "output_norm.weight": np.asarray(params["final_norm"]["scale"])}
+         "output_norm.weight": params["final_norm"]["scale"]}
   for i in range(LAYERS):
     p, blk = params[f"layer_{i}"], f"blk.{i}."
     wq, wkv, wo = (p["attn"][n]["w"] for n in ("q_einsum", "kv_einsum", "attn_vec_einsum"))
@@ -474,8 +480,8 @@ def _gguf_tensors(fmt, params):
       blk + "ffn_gate.weight": q(p["mlp"]["Einsum_0"]["gating_einsum"][0], 1),  # (F, D): contracted over D
       blk + "ffn_up.weight": q(p["mlp"]["Einsum_0"]["gating_einsum"][1], 1),
       blk + "ffn_down.weight": q(p["mlp"]["Einsum_1"]["linear"], 0),  # (F, D) of "...H,HF->...F": (in, out)
-      blk + "attn_norm.weight": np.asarray(p["pre_attention_norm"]["scale"]),
-      blk + "ffn_norm.weight": np.asarray(p["pre_ffw_norm"]["scale"]),
+      blk + "attn_norm.weight": p["pre_attention_norm"]["scale"],
+      blk + "ffn_norm.weight": p["pre_ffw_norm"]["scale"],
     }
   return out
 
@@ -502,7 +508,7 @@ def _llama_rows(params):
 def test_gemma_kernels_write_as_llama_cpp_tensors(gemma, fmt, tmp_path):
   _, qat, _, _, _, _ = gemma
   params = jax.tree.map(np.asarray, nn.meta.unbox(qat["params"]))
-  tensors = _gguf_tensors(fmt, params)
+  tensors = jax.tree.map(np.asarray, jax.jit(functools.partial(_gguf_tensors, fmt))(params))
   jqat.gguf.save(tmp_path / "g.gguf", tensors, {"general.architecture": "gemma"})
   reader = {t.name: t for t in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
   assert sorted(reader) == sorted(tensors)
@@ -531,7 +537,8 @@ def test_hf_nnx_kernels_write_as_llama_cpp_tensors(hf, tmp_path):
       kernels[f"blk.{i}.{theirs}.weight"] = layer["self_attn"][ours]["kernel"]
     for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
       kernels[f"blk.{i}.{theirs}.weight"] = layer["mlp"][ours]["kernel"]
-  tensors = {k: jqat.quantize(w, jqat.qparams_from_array(w, cfg), cfg) for k, w in kernels.items()}
+  quantize = jax.jit(lambda ws: {k: jqat.quantize(w, jqat.qparams_from_array(w, cfg), cfg) for k, w in ws.items()})
+  tensors = quantize(kernels)
   jqat.gguf.save(tmp_path / "hf.gguf", tensors, {"general.architecture": "llama"})
   reader = {t.name: t for t in gguf.GGUFReader(tmp_path / "hf.gguf").tensors}
   loaded = jqat.gguf.load(tmp_path / "hf.gguf")
