@@ -17,8 +17,10 @@ that of the ``gguf`` package's reference quantizer (``gguf.quants``):
 grids (blocks of 32 along axis 0 of a Flax kernel ``(in, out)``, one scale
 per block and output feature), so ``fake_quant`` in training, ``quantize``
 and the file agree bit for bit. A ``QTensor`` of shape ``(in, out)`` is
-stored as llama.cpp's ``(out, in)`` and read back as ``(in, out)``; float
-arrays are stored as they are (F32, F16, BF16).
+stored as llama.cpp's ``(out, in)`` and read back as ``(in, out)``; one of
+``config(..., input_axis=1)`` (a kernel ``(out, in)``: torch's order, an einsum
+weight contracted over its last axis, an embedding table) is stored as it is.
+Float arrays are stored as they are (F32, F16, BF16).
 
 Reading parses the header and maps the tensor bytes (``gguf.GGUFReader``);
 no code in the file is ever run (GGUF holds no pickles).
@@ -240,8 +242,9 @@ def save(path, tensors: Mapping, metadata: Mapping | None = None) -> None:
   """Writes ``QTensor``s (Q8_0, Q4_0) and float arrays (F32, F16, BF16) to a GGUF file.
 
   A ``QTensor`` must come from ``jqat.gguf.config("Q8_0")`` or ``("Q4_0")``
-  and be a 2-D kernel ``(in, out)``; it is written as llama.cpp's
-  ``(out, in)`` rows of 34-byte (Q8_0) or 18-byte (Q4_0) blocks, the bytes
+  and be a 2-D kernel ``(in, out)`` (or ``(out, in)`` with
+  ``input_axis=1``); it is written as llama.cpp's ``(out, in)`` rows of
+  34-byte (Q8_0) or 18-byte (Q4_0) blocks, the bytes
   ``gguf.quants.quantize`` gives for the same weights. Float arrays are
   written as they are. The file is written next to ``path`` and renamed
   into place, so a failed write leaves no partial file.
