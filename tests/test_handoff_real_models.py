@@ -121,7 +121,13 @@ class Gemma(nn.Module):
     return self.embedder.decode(self.final_norm(x))
 
 
-GEMMA_RULES = [jqat.Rule("embedder", ops=("embed", "attend"), weight=W8), jqat.Rule(".*", weight=W8, activation=A8)]
+W4A = jqat.QatConfig(bits="int4", per_channel=True, symmetric=False)
+# int8 embedding (lookup and tied logits, weight-only), W8A8 attention, weight-only asymmetric int4 (packed) MLP.
+GEMMA_RULES = [
+  jqat.Rule("embedder", ops=("embed", "attend"), weight=W8),
+  jqat.Rule(".*/mlp/.*", weight=W4A),
+  jqat.Rule(".*", weight=W8, activation=A8),
+]
 
 
 # --- Hugging Face's decoder, as NNX code writes it ---------------------------------------------------------------
@@ -332,8 +338,8 @@ def test_gemma_exports_bit_for_bit(gemma):
   qm, _, served, ids, y, _ = gemma
   exported = jqat.export(qm, served, ids)
   assert _bits(jax.export.deserialize(exported.serialize()).call(ids)) == _bits(y)
-  # Five int8 x int8 -> int32 einsums a layer; the tied embedding is weight-only (its lookup and logits stay float).
-  assert _int8_dots(exported) == 5 * LAYERS
+  # Three int8 x int8 -> int32 einsums a layer (q, kv, output); the MLP and the tied embedding are weight-only.
+  assert _int8_dots(exported) == 3 * LAYERS
 
 
 def test_hf_nnx_exports_bit_for_bit(hf):
@@ -367,7 +373,11 @@ def _served_kernel(served, *path):
   for p in path:
     entry = entry[p]
   rhs = entry["rhs"]
-  return (np.asarray(rhs["values"], np.float32) - np.asarray(rhs["zero_point"])) * np.asarray(rhs["scale"])
+  values = np.asarray(rhs["values"])
+  if values.dtype == np.uint8:  # int4, two codes a byte along axis 0 (element 2i in the low nibble)
+    nibbles = np.stack([values & 15, values >> 4], axis=1).reshape(-1, *values.shape[1:]).astype(np.int8)
+    values = ((nibbles ^ 8) - 8)[: int(np.asarray(rhs["layout"])[7])]
+  return (values.astype(np.float32) - np.asarray(rhs["zero_point"])) * np.asarray(rhs["scale"])
 
 
 def _decompressed(directory) -> dict:
@@ -387,6 +397,8 @@ def test_gemma_einsums_write_as_hugging_face_linears(gemma, tmp_path):
   _, _, served, _, _, _ = gemma
   config = jqat.compressed_tensors.save(tmp_path, served, names=_gemma_hf_name)
   QuantizationConfig.model_validate(config)
+  assert config["format"] == "mixed-precision"
+  assert {g["format"] for g in config["config_groups"].values()} == {"int-quantized", "pack-quantized"}
   got = _decompressed(tmp_path)
   loaded = jqat.compressed_tensors.load(tmp_path)
   for i in range(LAYERS):
@@ -410,7 +422,10 @@ def test_gemma_einsums_write_as_hugging_face_linears(gemma, tmp_path):
       np.testing.assert_array_equal(got[p + name + ".weight"], w, err_msg=name)
       back = loaded[p + name]
       np.testing.assert_array_equal(np.asarray(jqat.dequantize(back.weight)).T, w, err_msg=name)
-      assert back.activation == A8 and back.input_qparams is not None
+      if name.startswith("mlp"):
+        assert back.weight.config.bits.value == "int4" and back.activation is None
+      else:
+        assert back.activation == A8 and back.input_qparams is not None
   assert sorted(loaded) == sorted(k.removesuffix(".weight") for k in got if k.endswith(".weight"))
   # The tied embedding, left in, is the logits' Linear (vocab, d_model): the table itself.
   config = jqat.compressed_tensors.save(tmp_path / "tied", served, names=lambda n: n if n == "embedder" else None)
