@@ -163,6 +163,7 @@ SLOW_FILES = {
   "test_example_quantize_any_model.py",
   "test_multihost.py",
   "test_nnx_sharding.py",
+  "test_handoff_real_models.py",
 }
 SLOW_FIXTURES = {"sharded"}  # tests/test_sharding.py's eight-device subprocess
 # Training loops and end-to-end layer runs of 10 s or more on two cores.
