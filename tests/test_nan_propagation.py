@@ -135,3 +135,50 @@ def test_int_conv_output_is_non_finite_after_a_nan_input():
   assert np.isnan(y).all()
   x[1, 2, 2, 0] = 0.0
   assert np.isfinite(np.asarray(conv(x, wq))).all()
+
+
+def _rows_with_nan_inf_and_minus_inf():
+  # Wide enough rows that XLA:CPU runs its vectorized reductions.
+  x = np.random.default_rng(1).standard_normal((16, 512)).astype(np.float32)
+  x[2, 100], x[7, 511], x[11, 0] = np.nan, np.inf, -np.inf
+  return x
+
+
+def test_quantize_under_jit_marks_exactly_the_blocks_with_nan_or_inf_and_keeps_the_others():
+  x = _rows_with_nan_inf_and_minus_inf()
+  per_token = jqat.QatConfig(symmetric=False, per_channel=True, channel_axis=0)
+  qp = jqat.qparams_from_array(x, per_token)
+  q = jax.jit(lambda x, qp: jqat.quantize(x, qp, per_token))(x, qp)
+  s = np.asarray(q.scale).reshape(-1)
+  bad = [2, 7, 11]
+  assert np.isnan(s[bad]).all() and np.isfinite(np.delete(s, bad)).all()
+  # The finite rows: the scale as given, and the values of those rows quantized on their own.
+  np.testing.assert_array_equal(np.delete(s, bad), np.delete(np.asarray(qp.scale).reshape(-1), bad))
+  good = np.delete(x, bad, axis=0)
+  ref = jqat.quantize(good, jqat.qparams_from_array(good, per_token), per_token)
+  np.testing.assert_array_equal(np.delete(np.asarray(q.values), bad, axis=0), np.asarray(ref.values))
+
+
+def test_nonfinite_out_marks_exactly_the_rows_and_columns_that_meet_nan_or_inf():
+  from jqat._src import int_kernels
+
+  x = _rows_with_nan_inf_and_minus_inf()
+  w = np.ones((512, 8), np.float32)
+  w[300, 5] = -np.inf
+  mark = np.asarray(jax.jit(lambda x, w: int_kernels.nonfinite_out(x, w, MATMUL))(x, w))
+  expected = np.zeros((16, 8), bool)
+  expected[[2, 7, 11], :] = True
+  expected[:, 5] = True
+  np.testing.assert_array_equal(np.isnan(mark), expected)
+  assert (mark[~expected] == 0).all()
+
+
+def test_quantize_writes_no_float_copy_of_its_input():
+  # The NaN check is one reduction that reads x; no float tensor of x's shape is written out beside the values.
+  cfg = jqat.QatConfig(symmetric=False)
+  x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32)
+  qp = jqat.qparams_from_array(x, cfg)
+  hlo = jax.jit(lambda x, qp: jqat.quantize(x, qp, cfg)).lower(x, qp).compile().as_text()
+  body = hlo[hlo.index("ENTRY") :].splitlines()[1:]
+  written = [line for line in body if "= f32[64,256]" in line and "parameter(" not in line]
+  assert not written, written

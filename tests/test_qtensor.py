@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jqat._src import qtensor
 from jqat._src.config import QatConfig
 from jqat._src.fake_quant import fake_quant
 from jqat._src.formats import QuantBits
@@ -297,3 +298,23 @@ def test_zero_point_of_asymmetric_qparams_under_a_symmetric_config():
   q = jax.jit(quantize, static_argnums=2)(jnp.array([1.0, -1.0]), qp, cfg)
   assert float(q.zero_point) == 0.0
   assert q.int_values().tolist() == [64, -64]
+
+
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    QatConfig(),
+    QatConfig(symmetric=False),
+    QatConfig(symmetric=False, per_channel=True, channel_axis=0),
+    QatConfig(bits="int4", per_channel=True, group_size=4),
+  ],
+  ids=["sym", "asym", "per_token", "int4_group"],
+)
+def test_quantize_finite_is_quantize_bit_for_bit_on_finite_data(cfg):
+  x = np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32)
+  qp = qparams_from_array(x, cfg)
+  a = jax.jit(lambda x, qp: quantize(x, qp, cfg))(x, qp)
+  b = jax.jit(lambda x, qp: qtensor.quantize_finite(x, qp, cfg))(x, qp)
+  np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
+  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+  np.testing.assert_array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))

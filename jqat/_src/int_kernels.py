@@ -360,18 +360,25 @@ def nonfinite_out(lhs: jax.Array, rhs: jax.Array, dims: DimensionNumbers, *, che
 
   An output element is touched when its row of ``lhs`` or its column of
   ``rhs`` (over the contracting axes) holds a non-finite value; that is where
-  the float dot is non-finite (up to an Inf meeting a 0). ``Σ x · 0`` over the
-  contraction is exactly that mark (``±Inf · 0`` and ``NaN · 0`` are NaN): one
-  float sum per operand, and adding its broadcast fuses into the rescale.
+  the float dot is non-finite (up to an Inf meeting a 0). ``Σ (x - x)`` over the
+  contraction is exactly that mark (``Inf - Inf`` and ``NaN - NaN`` are NaN): one
+  float sum per operand, and adding its broadcast fuses into the rescale. (Not
+  ``Σ x · 0``: XLA shares the broadcast zeros of that product with other zeros
+  of the program and writes them out as a whole tensor first.)
   """
   (lc, rc), (lb, rb) = dims
   lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
+
+  def diff(a):
+    a = a.astype(jnp.float32)
+    return a - a
+
   out = None
   if check_lhs:
-    mark = jnp.sum(lhs.astype(jnp.float32) * 0, axis=lc, keepdims=True)
+    mark = jnp.sum(diff(lhs), axis=lc, keepdims=True)
     out = _to_out(mark, lc, lb, lf, len(rf), True, ())
   if check_rhs:
-    mark = _to_out(jnp.sum(rhs.astype(jnp.float32) * 0, axis=rc, keepdims=True), rc, rb, rf, len(lf), False, ())
+    mark = _to_out(jnp.sum(diff(rhs), axis=rc, keepdims=True), rc, rb, rf, len(lf), False, ())
     out = mark if out is None else out + mark
   return out
 
