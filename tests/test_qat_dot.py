@@ -123,8 +123,7 @@ def test_integer_forward_lowers_to_an_s32_dot():
     return jqat.qat_dot_general(x, w, MATMUL, xqp, wqp, lhs_config=XCFG, rhs_config=WCFG).sum()
 
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
-  # An asymmetric per-tensor activation gets a row of ones: the dot's last row holds the kernel's sums.
-  assert re.search(r"dot_general.*\(tensor<7x32xi8>, tensor<32x5xi8>\) -> tensor<7x5xi32>", text), text
+  assert re.search(r"dot_general.*\(tensor<6x32xi8>, tensor<32x5xi8>\) -> tensor<6x5xi32>", text), text
   # The backward saves int8 values and masks, not float copies, and its dots are float.
   assert re.search(r"dot_general.*-> tensor<6x32xf32>", text)
   assert re.search(r"dot_general.*-> tensor<(32x5|5x32)xf32>", text)
@@ -218,31 +217,6 @@ def test_operands_with_their_own_range_skip_the_all_ones_mask():
   got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)(x, w, False)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("bits", ["int8", "int4"])
-def test_ones_row_forward_equals_the_zero_point_corrected_sums(bits):
-  # lhs (2, 3, 4, 8): two contracting axes (4, 8) against rhs (4, 8, 5); the kernel's sums come from the
-  # dot's extra row instead of int_kernels.accumulate's own reduction: the same result, bit for bit.
-  rng = np.random.default_rng(5)
-  x = (rng.standard_normal((2, 3, 4, 8)) + 0.5).astype(np.float32)
-  w = rng.standard_normal((4, 8, 5)).astype(np.float32)
-  dims = (((2, 3), (0, 1)), ((), ()))
-  lcfg, rcfg = jqat.QatConfig(bits=bits, symmetric=False), jqat.QatConfig(bits=bits, per_channel=True, channel_axis=2)
-  static = qat_dot_lib._Static(dims, lcfg, rcfg, None, jnp.dtype(jnp.float32), True)
-
-  @jax.jit
-  def both(x, w):
-    xqp, wqp = jqat.qparams_from_array(x, lcfg), jqat.qparams_from_array(w, rcfg)
-    ql, _ = qat_dot_lib._quantize(x, xqp.scale, xqp.zero_point, lcfg)
-    qr, _ = qat_dot_lib._quantize(w, wqp.scale, wqp.zero_point, rcfg)
-    args = (ql, xqp.scale, xqp.zero_point, qr, wqp.scale, wqp.zero_point)
-    return qat_dot_lib._ones_row_forward(static, *args), qat_dot_lib._integer_forward(static, *args), xqp.zero_point
-
-  ones, plain, zp = both(x, w)
-  assert float(zp) != 0  # the zero point's term is there to get right
-  assert ones.shape == plain.shape == (2, 3, 5)
-  np.testing.assert_array_equal(ones, plain)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -85,37 +85,6 @@ def _float_dot(static: _Static, a, b):
   )
 
 
-def _ones_row_forward(static: _Static, ql, ls, lz, qr, rs, rz) -> jax.Array | None:
-  """The integer forward with the kernel's sums from the dot itself, or None where it does not apply.
-
-  An asymmetric per-tensor activation needs ``Σ_k q_r`` for its zero point.
-  A row of ones appended to the activation's int8 rows makes the int8 dot
-  return those sums as one more output row (``1/M`` more work in the dot),
-  so no pass over the kernel is spent on them. The int32 sums, and so the
-  result, are those of ``int_kernels.accumulate``, bit for bit.
-  """
-  lcfg, rcfg = static.lhs_config, static.rhs_config
-  (lc, rc), (lb, _) = static.dims
-  nc = len(lc)
-  if lcfg.symmetric or not rcfg.symmetric or lb or jnp.size(ls) != 1 or jnp.size(lz) != 1:
-    return None
-  if tuple(lc) != tuple(range(ql.ndim - nc, ql.ndim)) or ql.ndim == nc:
-    return None
-  free = ql.shape[: ql.ndim - nc]
-  rows = ql.reshape((math.prod(free),) + ql.shape[ql.ndim - nc :])
-  rows = jnp.concatenate([rows, jnp.ones((1,) + rows.shape[1:], rows.dtype)], axis=0)
-  dims = ((tuple(range(1, nc + 1)), rc), ((), ()))
-  one = (1,) * rows.ndim
-  # Symmetric for accumulate: the zero point is applied here, with the sums of the last row.
-  lhs = int_kernels.Operand(rows, jnp.reshape(ls, one), jnp.zeros(one, jnp.float32), lcfg.replace(symmetric=True))
-  rhs = int_kernels.Operand(qr, rs, rz, rcfg)
-  acc, scale, plan = int_kernels.accumulate(lhs, rhs, dims)
-  z = numerics.effective_zero_point(jnp.reshape(lz, ()), lcfg, jnp.float32).astype(jnp.int32)
-  acc = acc[:-1] - z * acc[-1:]
-  y = int_kernels.rescale(acc, scale, plan).astype(static.out_dtype)
-  return y.reshape(free + y.shape[1:])
-
-
 def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz, rhs_sums=None):
   lhs = int_kernels.Operand(ql, ls, lz, static.lhs_config)
   rhs = int_kernels.Operand(qr, rs, rz, static.rhs_config)
@@ -139,9 +108,7 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None):
   ml = ml if static.lhs_may_clip else None
   mr = mr if static.rhs_may_clip else None
   if static.integer:
-    y = _ones_row_forward(static, ql, ls, lz, qr, rs, rz)
-    if y is None:
-      y = _integer_forward(static, ql, ls, lz, qr, rs, rz, _kernel_sums(static, qr, lhs.shape))
+    y = _integer_forward(static, ql, ls, lz, qr, rs, rz, _kernel_sums(static, qr, lhs.shape))
   else:
     a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lhs.dtype)
     b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rhs.dtype)
