@@ -13,6 +13,7 @@ import pytest
 
 ct = pytest.importorskip("compressed_tensors")
 
+import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -485,3 +486,23 @@ def test_loading_never_executes_code(checkpoint, tmp_path):
   (d / "pytorch_model.bin").write_bytes(payload)
   assert sorted(jct.load(d)) == ["fc", "proj"]
   assert not marker.exists()
+
+
+def test_per_tensor_einsum_kernel_out_in_is_written_as_its_linear(tmp_path):
+  # nn.Einsum "bf,hf->bh" holds its kernel (out, in). Per-tensor weights and symmetric activations leave
+  # neither scales nor sums to show the contracted axis; convert records it, so the export is not transposed.
+  model = qnn.quantize_model(
+    nn.Einsum((12, 8), "bf,hf->bh", use_bias=False),
+    [jqat.Rule(".*", weight=jqat.QatConfig(bits="int8"), activation=jqat.QatConfig(bits="int8"))],
+  )
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  served = _convert(model, x)
+  (name, layer), = jct.layers(served).items()
+  assert layer.weight.shape == (8, 12)  # (in, out): the einsum's (out, in) kernel, transposed
+  jct.save(tmp_path, served)
+  flat = flax.traverse_util.flatten_dict(served["serving"], sep="/")
+  (rhs,) = [v for k, v in flat.items() if k.endswith("rhs/values")]
+  (scale,) = [v for k, v in flat.items() if k.endswith("rhs/scale")]
+  own = np.asarray(rhs, np.float32) * np.float32(scale)  # the served (out, in) kernel; symmetric: no zero point
+  # Oracle: the package's decompressor reads the file's torch Linear (out, in) as the einsum's own kernel.
+  np.testing.assert_array_equal(_bits(_decompressed(tmp_path)[f"{name}.weight"].numpy()), _bits(own))

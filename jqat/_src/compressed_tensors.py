@@ -171,8 +171,9 @@ def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
 def _einsum_qtensor(where: str, entry: Mapping) -> tuple[QTensor, int] | None:
   """A kernel of any axes as a Linear weight ``(in, out)``, and the length of its first output axis.
 
-  Serving variables record a kernel's shape and format but not its equation;
-  the scales say it: a per-channel or per-group scale keeps the length of each
+  Serving variables record a kernel's shape, format and (since convert
+  records it) the axes its dot contracts; without that record the scales say
+  it: a per-channel or per-group scale keeps the length of each
   output axis and reduces the contracted ones (to 1, or to the number of
   groups), and so do the column sums of an asymmetric activation. The
   contracted axes, in order, become the input features and the others, in
@@ -199,10 +200,13 @@ def _einsum_qtensor(where: str, entry: Mapping) -> tuple[QTensor, int] | None:
   scale, zp = np.asarray(entry["scale"], np.float32), np.asarray(entry["zero_point"], np.float32)
   described = common.describe_layout(code)
   reduced = None
+  if "contracting" in entry:  # recorded by convert: the axes the layer's dot contracts
+    reduced = tuple(sorted({int(a) for a in np.asarray(entry["contracting"]).reshape(-1)}))
+    if not reduced or not all(0 <= a < len(shape) for a in reduced):
+      raise ValueError(f"{where}: the kernel's recorded contracting axes {reduced} do not fit its shape {shape}.")
   for held in (scale, np.asarray(entry["sums"]) if "sums" in entry else None):
-    if held is not None and held.ndim == len(shape) and held.shape != shape:
+    if reduced is None and held is not None and held.ndim == len(shape) and held.shape != shape:
       reduced = tuple(a for a in range(len(shape)) if held.shape[a] != shape[a])
-      break
   if reduced is None:
     return None
   if codes.shape != shape or scale.shape != zp.shape or not np.array_equal(common.weight_layout(cfg, shape), code):

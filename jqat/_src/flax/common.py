@@ -22,7 +22,7 @@ from jqat._src.config import CalibMethod, Estimator, QatConfig
 from jqat._src.formats import QuantBits
 from jqat._src.qat_dot import dot_general_with_mark
 from jqat._src.qparams import QParams
-from jqat._src.qtensor import PACK_AXIS, QTensor, dequantize, quantize
+from jqat._src.qtensor import PACK_AXIS, QTensor, dequantize, quantize, quantize_finite
 
 # Weights: int8, symmetric, one scale per output channel (the standard for
 # weights; asymmetric weights only add work to the integer dot).
@@ -413,7 +413,9 @@ def serving_weight(wq: QTensor, contracting, lhs_config: QatConfig | None) -> di
   The column sums of the integer kernel are what the zero point of an
   asymmetric activation multiplies; they depend on the kernel alone, so they
   are computed once here instead of at every call. ``layout`` is
-  ``weight_layout`` of the kernel.
+  ``weight_layout`` of the kernel; ``contracting`` (when known) its axes
+  that the dot contracts, so that an exporter can tell an ``(in, out)``
+  kernel from an ``(out, in)`` one even under a per-tensor scale.
   """
   entry = {
     "values": wq.values,
@@ -421,6 +423,9 @@ def serving_weight(wq: QTensor, contracting, lhs_config: QatConfig | None) -> di
     "zero_point": wq.zero_point,
     "layout": jnp.asarray(weight_layout(wq.config, wq.shape)),
   }
+  if contracting:
+    ndim = len(wq.shape)
+    entry["contracting"] = jnp.asarray(sorted(int(a) % ndim for a in contracting), jnp.int32)
   if lhs_config is not None and not lhs_config.symmetric and not wq.config.bits.is_float:
     entry["sums"] = int_ops.weight_sums(wq, tuple(contracting))
   return entry
@@ -597,9 +602,9 @@ def serve_dot_general(
     lhs_qp = qparams_lib.qparams_from_array(lhs, lhs_config)  # NaN and Inf are left out of the range
   # A NaN or Inf has no integer value, and ``quantize`` would poison the scale of its whole block (with a
   # per-tensor range: every row). Serving quantizes the finite part instead and marks, as the QAT dot does,
-  # exactly the output rows whose inputs were non-finite: ``Σ x · 0`` is NaN there and 0 elsewhere.
+  # exactly the output rows whose inputs were non-finite: ``Σ (x - x)`` is NaN there and 0 elsewhere.
   finite = jnp.where(jnp.isfinite(lhs), lhs, jnp.zeros_like(lhs))
-  xq = quantize(finite, lhs_qp, lhs_config)
+  xq = quantize_finite(finite, lhs_qp, lhs_config)  # finite by construction: no second check
   if rhs_sums is not None:  # the stored column sums travel with the kernel they were computed from
     wq = wq.replace(sums=rhs_sums, sums_axes=tuple(rc))
   y = int_ops.int_dot_general(xq, wq, dimension_numbers, out_dtype=jnp.float32)
