@@ -194,6 +194,8 @@ SLOW_TESTS = {
   "test_gguf.py::test_qat_dense_trains_on_the_files_grid",
   "test_gguf.py::test_round_trip_in_a_fresh_process",
   "test_compressed_tensors.py::test_nnx_model_with_names",
+  "test_compare_peers.py::test_compile_section_times_each_step_against_float",
+  "test_decode_step.py::test_quantized_step_equals_attention_over_the_written_cache",
   "test_compressed_tensors.py::test_converted_linen_model",
   "test_compressed_tensors.py::test_layers_that_are_not_dense_can_be_left_out",
 }
