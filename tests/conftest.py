@@ -153,7 +153,8 @@ def ref():
   )
 
 
-# Whole examples, multi-process / eight-device subprocess runs and the longest training loops: they are marked slow,
+# Whole examples, multi-process / eight-device subprocess runs, optional-dependency tests and the longest training
+# loops: they are marked slow,
 # so the README's test command (``-m "not slow"``) stays within a few minutes on two cores; .ci/run runs them
 # too, as a second step.
 SLOW_FILES = {
@@ -164,6 +165,13 @@ SLOW_FILES = {
   "test_multihost.py",
   "test_nnx_sharding.py",
   "test_handoff_real_models.py",
+  # Optional dependencies (orbax-checkpoint, flatbuffers, gguf, torch + compressed-tensors) and the GPU script's
+  # CPU smoke run: CI installs them and runs these in its second step.
+  "test_checkpoint_orbax.py",
+  "test_export.py",
+  "test_gguf.py",
+  "test_compressed_tensors.py",
+  "test_gpu_check.py",
 }
 SLOW_FIXTURES = {"sharded"}  # tests/test_sharding.py's eight-device subprocess
 # Training loops and end-to-end layer runs of 10 s or more on two cores.
