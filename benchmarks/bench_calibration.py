@@ -17,11 +17,11 @@ import argparse
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from bench_qat_step import Block, Mlp  # the same two models: one definition
 
 import jqat
 
@@ -129,36 +129,6 @@ def bench_observe(rounds: int, reps: int = 20) -> dict:
   for k, t in best.items():
     print(f"{k:<16}{t:>10.5f}{t / best['jnp.max(abs)']:>9.2f}x")
   return best
-
-
-class Mlp(nn.Module):
-  """784-1024-1024-10 with ReLU, as in ``bench_qat_step.py``."""
-
-  quant: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    dense = jqat.linen.QatDense if self.quant else nn.Dense
-    x = nn.relu(dense(1024)(x))
-    x = nn.relu(dense(1024)(x))
-    return dense(10)(x)
-
-
-class Block(nn.Module):
-  """A pre-LN transformer block, d=512, 8 heads, MLP 2048, as in ``bench_qat_step.py``."""
-
-  quant: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    dense = jqat.linen.QatDense if self.quant else nn.Dense
-    dg = jqat.linen.QatDotGeneral if self.quant else None
-    d = x.shape[-1]
-    h = nn.LayerNorm()(x)
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    x = x + nn.MultiHeadDotProductAttention(num_heads=8, qkv_dot_general_cls=dg, out_dot_general_cls=dg)(h, mask=mask)
-    h = nn.LayerNorm()(x)
-    return x + dense(d)(nn.gelu(dense(4 * d)(h)))
 
 
 def bench_forward(rounds: int, reps: int = 20) -> dict:

@@ -28,42 +28,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_qat_step import Block, Mlp  # the same two models: one definition
 
 import jqat
-
-
-class Mlp(nn.Module):
-  quant: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    dense = jqat.linen.QatDense if self.quant else nn.Dense
-    x = nn.relu(dense(1024)(x))
-    x = nn.relu(dense(1024)(x))
-    return dense(10)(x)
-
-
-class Block(nn.Module):
-  quant: bool = False
-  heads: int = 8
-
-  @nn.compact
-  def __call__(self, x):
-    dense = jqat.linen.QatDense if self.quant else nn.Dense
-    dg = jqat.linen.QatDotGeneral if self.quant else None
-    d = x.shape[-1]
-    h = nn.LayerNorm()(x)
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_dot_general_cls=dg, out_dot_general_cls=dg)(
-      h, mask=mask
-    )
-    h = nn.LayerNorm()(x)
-    return x + dense(d)(nn.gelu(dense(4 * d)(h)))
 
 
 def make_step(model, loss_fn, opt):
