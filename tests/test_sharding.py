@@ -135,13 +135,19 @@ def test_serving_specs_follow_float_kernels(bits):
   out = jqat.serving_partition_specs(served, specs, mesh=MESH, rules=RULES)
   assert jax.tree.structure(out, is_leaf=lambda s: isinstance(s, P)) == jax.tree.structure(served)
   col, row = out["serving"]["Dense_0"]["quant"], out["serving"]["Dense_1"]["quant"]
-  assert col["rhs"] == {**{k: P(None, "model") for k in ("values", "scale", "zero_point", "sums")}, "layout": P()}
+  # The format record and the contracting axes are small replicated vectors.
+  assert col["rhs"] == {
+    **{k: P(None, "model") for k in ("values", "scale", "zero_point", "sums")},
+    "layout": P(),
+    "contracting": P(),
+  }
   assert row["rhs"] == {
     "values": P("model", None),
     "scale": P(None, None),
     "zero_point": P(None, None),
     "sums": P(None, None),
     "layout": P(),  # the format record: a small replicated vector
+    "contracting": P(),
   }
   assert col["lhs"] == row["lhs"] == {"scale": P(), "zero_point": P(), "layout": P()}
   assert out["params"] == {"Dense_0": {"bias": P("model")}, "Dense_1": {"bias": P(None)}}
