@@ -206,6 +206,24 @@ SLOW_TESTS = {
   "test_decode_step.py::test_quantized_step_equals_attention_over_the_written_cache",
   "test_compressed_tensors.py::test_converted_linen_model",
   "test_compressed_tensors.py::test_layers_that_are_not_dense_can_be_left_out",
+  # The slowest of the README command's tests (5-13 s each on two cores): CI runs them in its second step.
+  "test_linen_injected_convert.py::test_injected_dot_general_drops_its_kernel",
+  "test_linen_injected_convert.py::test_kernel_cast_by_the_layer_stays_and_serves",
+  "test_linen_injected_convert.py::test_injected_conv_drops_its_kernel",
+  "test_serving_property.py::test_integer_serving_equals_fake_quant_forward",
+  "test_linen.py::test_bfloat16_compute_dtype",
+  "test_linen.py::test_conv_trains_on_digits",
+  "test_linen.py::test_serialization_round_trip_of_params_and_stats",
+  "test_linen_lifecycle.py::test_params_only_apply_is_the_first_batch_behaviour",
+  "test_linen_lifecycle.py::test_restoring_serving_variables_into_a_layer_of_another_width_raises",
+  "test_linen_lifecycle.py::test_calibrate_with_per_token_activations",
+  "test_serving.py::test_int4_kernel_is_packed_two_per_byte",
+  "test_serving.py::test_convert_after_calibration_uses_frozen_ranges",
+  "test_linen_quantize_model.py::test_scan_stacked_layers_calibrate_convert_and_serve",
+  "test_linen_quantize_model.py::test_weight_first_equations_match_the_fake_quant_reference",
+  "test_nnx_lifecycle.py::test_serving_variables_record_their_layout",
+  "attention.py::jqat._src.flax.attention.dot_product_attention",
+  "nnx_attention.py::jqat._src.flax.nnx_attention.dot_product_attention",
 }
 
 
