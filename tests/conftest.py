@@ -206,7 +206,7 @@ SLOW_TESTS = {
   "test_decode_step.py::test_quantized_step_equals_attention_over_the_written_cache",
   "test_compressed_tensors.py::test_converted_linen_model",
   "test_compressed_tensors.py::test_layers_that_are_not_dense_can_be_left_out",
-  # The slowest of the README command's tests (5-13 s each on two cores): CI runs them in its second step.
+  # The slowest of the README command's tests (4-13 s each on two cores): CI runs them in its second step.
   "test_linen_injected_convert.py::test_injected_dot_general_drops_its_kernel",
   "test_linen_injected_convert.py::test_kernel_cast_by_the_layer_stays_and_serves",
   "test_linen_injected_convert.py::test_injected_conv_drops_its_kernel",
@@ -224,6 +224,14 @@ SLOW_TESTS = {
   "test_nnx_lifecycle.py::test_serving_variables_record_their_layout",
   "attention.py::jqat._src.flax.attention.dot_product_attention",
   "nnx_attention.py::jqat._src.flax.nnx_attention.dot_product_attention",
+  "test_linen_quantize_model.py::test_same_parameter_tree_and_values_so_float_checkpoints_load",
+  "test_linen_quantize_model.py::test_a_rule_that_matches_nothing_raises_listing_the_paths",
+  "test_linen_ptq.py::test_smoothquant_w8a8_served_equals_simulation_and_beats_plain",
+  "test_nnx_quantize_model.py::test_serving_bytes_after_convert",
+  "test_nnx_quantize_model.py::test_conv_serves_with_an_integer_convolution",
+  "test_linen_lifecycle.py::test_convert_is_idempotent",
+  "test_linen.py::test_lsq_scales_are_parameters_and_train",
+  "test_serving.py::test_save_and_load_round_trip_keeps_integer_dtypes_and_size",
 }
 
 
