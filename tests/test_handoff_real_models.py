@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+import flax
 import flax.linen as nn
 import gguf
 import jax
@@ -442,16 +443,21 @@ def test_gemma_names_that_collide_or_do_not_split(gemma, tmp_path):
     jqat.compressed_tensors.layers(served, names=lambda n: ["k", "v", "x"] if n == "layer_0.attn.kv_einsum" else None)
 
 
-def test_per_tensor_einsum_weights_are_refused_not_transposed(tmp_path):
-  # A per-tensor scale (symmetric activations: no column sums) does not say which axes an einsum contracts.
+def test_per_tensor_einsum_weights_are_written_by_their_recorded_axes(tmp_path):
+  # A per-tensor scale (symmetric activations: no column sums) does not say which axes an einsum contracts;
+  # convert records them (serving/.../rhs/contracting), and the Linear weight is read by them, not guessed.
   pytest.importorskip("compressed_tensors")
   x = jnp.ones((2, D))
   w8 = jqat.QatConfig(bits="int8")
   qm = jqat.linen.quantize_model(FeedForward(), [jqat.Rule("Einsum_0", weight=w8)])
   served = jax.jit(lambda k, x: jqat.linen.convert(qm, qm.init(k, x), x))(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"layer 'Einsum_0'.*per-tensor scale.*does not say which of its "
-                                       r"axes are contracted.*per_channel=True.*names="):
-    jqat.compressed_tensors.save(tmp_path, served)
+  flat = flax.traverse_util.flatten_dict(served["serving"], sep="/")
+  (contracting,) = [v for k, v in flat.items() if k.endswith("rhs/contracting")]
+  (values,) = [v for k, v in flat.items() if k.endswith("rhs/values")]
+  layers = jqat.compressed_tensors.layers(served)
+  (layer,) = layers.values()
+  k_in = int(np.prod([values.shape[a] for a in np.asarray(contracting)]))
+  assert layer.weight.shape == (k_in, values.size // k_in)
 
 
 def test_hf_nnx_model_writes_under_its_own_names(hf, tmp_path):

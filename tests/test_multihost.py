@@ -106,8 +106,12 @@ def test_a_process_that_dies_fails_the_others_in_bounded_time(fault_runs):
   code, log, seconds = fault_runs["die"].finish(FAULT_LIMIT_S)
   assert code == 17, log[-3000:]  # the launcher returns the first failure: the process that died
   assert "launcher: process 1 exited with code 17" in log
-  # The survivor fails by itself, naming the stage it was waiting in, before the launcher would kill it.
-  assert "error: process 0: stage 'train'" in log and "one of them died or hangs" in log, log[-3000:]
+  # The survivor fails by itself before the launcher would kill it: naming the stage it was waiting in, or, when
+  # JAX's own error polling wins the race after the dead process's missed heartbeats, by the distributed
+  # service's termination, which names the unhealthy task.
+  own = "error: process 0: stage 'train'" in log and "one of them died or hangs" in log
+  jax_side = "detected fatal errors" in log and "stopped sending heartbeats" in log
+  assert own or jax_side, log[-3000:]
   assert "launcher: killing" not in log
   assert seconds < FAULT_LIMIT_S
 
