@@ -134,8 +134,8 @@ def _bits_of(code: int) -> QuantBits:
   return members[code]
 
 
-def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
-  """The QTensor of a kernel's serving variables (``common.serving_weight``), read from its recorded layout."""
+def _kernel_layout(where: str, entry: Mapping) -> tuple[QatConfig, tuple[int, ...], list[int]]:
+  """(config, shape, code) of a kernel's recorded ``layout`` (``common.weight_layout``), checked to read back."""
   from jqat._src.flax import common  # noqa: PLC0415 (Flax is needed only for Flax models)
 
   if "layout" not in entry:
@@ -145,12 +145,6 @@ def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
     raise ValueError(f"{where}: the kernel's serving variables hold {common.describe_layout(code)}.")
   bits, symmetric, narrow, per_channel, group = code[:5]
   shape = tuple(code[7:])
-  if len(shape) != 2:
-    raise ValueError(
-      f"{where}: compressed-tensors holds Linear weights; this layer's kernel has shape {shape} "
-      f"({common.describe_layout(code)}), and it is not a Dense, DenseGeneral or einsum weight whose scales say "
-      "which axes it contracts (a convolution, or a per-tensor scale). Leave it out with names=."
-    )
   cfg = QatConfig(
     bits=_bits_of(bits), symmetric=bool(symmetric), narrow_range=bool(narrow), per_channel=bool(per_channel),
     group_size=group or None,
@@ -158,6 +152,20 @@ def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
   # The layout is read back the way common.weight_layout writes it; the two must agree.
   if not np.array_equal(common.weight_layout(cfg, shape), np.asarray(code)):
     raise ValueError(f"{where}: the kernel's layout {code} is not one this version of jqat writes.")
+  return cfg, shape, code
+
+
+def _weight_qtensor(where: str, entry: Mapping) -> QTensor:
+  """The QTensor of a kernel's serving variables (``common.serving_weight``), read from its recorded layout."""
+  from jqat._src.flax import common  # noqa: PLC0415 (Flax is needed only for Flax models)
+
+  cfg, shape, code = _kernel_layout(where, entry)
+  if len(shape) != 2:
+    raise ValueError(
+      f"{where}: compressed-tensors holds Linear weights; this layer's kernel has shape {shape} "
+      f"({common.describe_layout(code)}), and it is not a Dense, DenseGeneral or einsum weight whose scales say "
+      "which axes it contracts (a convolution, or a per-tensor scale). Leave it out with names=."
+    )
   try:
     return QTensor(np.asarray(entry["values"]), np.asarray(entry["scale"]), np.asarray(entry["zero_point"]), cfg,
                    shape)
@@ -184,17 +192,7 @@ def _einsum_qtensor(where: str, entry: Mapping) -> tuple[QTensor, int] | None:
   """
   from jqat._src.flax import common  # noqa: PLC0415
 
-  if "layout" not in entry:
-    raise ValueError(f"{where}: the serving variables of the kernel record no 'layout'; convert the model again.")
-  code = [int(c) for c in np.asarray(entry["layout"]).reshape(-1)]
-  if len(code) < 7 or len(code) != 7 + code[6]:
-    raise ValueError(f"{where}: the kernel's serving variables hold {common.describe_layout(code)}.")
-  bits, symmetric, narrow, per_channel, group = code[:5]
-  shape = tuple(code[7:])
-  cfg = QatConfig(
-    bits=_bits_of(bits), symmetric=bool(symmetric), narrow_range=bool(narrow), per_channel=bool(per_channel),
-    group_size=group or None,
-  )
+  cfg, shape, code = _kernel_layout(where, entry)
   values = np.asarray(entry["values"])
   codes = np.asarray(unpack_int4(values, shape[PACK_AXIS])) if cfg.bits.is_packed and shape else values
   scale, zp = np.asarray(entry["scale"], np.float32), np.asarray(entry["zero_point"], np.float32)
@@ -209,7 +207,7 @@ def _einsum_qtensor(where: str, entry: Mapping) -> tuple[QTensor, int] | None:
       reduced = tuple(a for a in range(len(shape)) if held.shape[a] != shape[a])
   if reduced is None:
     return None
-  if codes.shape != shape or scale.shape != zp.shape or not np.array_equal(common.weight_layout(cfg, shape), code):
+  if codes.shape != shape or scale.shape != zp.shape:
     raise ValueError(f"{where}: the serving variables of the {described} do not fit it (values {codes.shape}, "
                      f"scale {scale.shape}, zero point {zp.shape}); convert the model again.")
   outputs = tuple(a for a in range(len(shape)) if a not in reduced)
