@@ -51,19 +51,14 @@ from jax import lax
 
 import jqat
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_qat_step  # noqa: E402  (the QAT step of the other benchmarks)
+from bench_serving import median_ms  # noqa: E402
+
 MATMUL = (((1,), (0,)), ((), ()))
 SHAPES = ((8, 8192, 8192), (4096, 8192, 8192))
 SMOKE_SHAPES = ((8, 128, 64),)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def median_ms(f, *args, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)) * 1e3
 
 
 def interleaved(variants: dict, reps: int, rounds: int) -> dict:
@@ -173,16 +168,7 @@ def qat_steps(batch: int, seq: int, d: int, reps: int, rounds: int) -> dict:
     v = model.init(jax.random.key(1), x)
     params, stats = v["params"], v.get("quant_stats", {})
 
-    @jax.jit
-    def step(params, stats, opt_state, x, y, model=model):
-      def objective(p):
-        out, upd = model.apply({"params": p, "quant_stats": stats}, x, mutable=["quant_stats"])
-        return jnp.mean((out.astype(jnp.float32) - y) ** 2), upd.get("quant_stats", stats)
-
-      (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
-      updates, opt_state = opt.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), stats, opt_state, loss
-
+    step = bench_qat_step.make_step(model, lambda out, y: jnp.mean((out.astype(jnp.float32) - y) ** 2), opt)
     state = (params, stats, opt.init(params))
     runs[name] = (lambda s, x, y, step=step: step(*s, x, y)[3], state, x, y)
   best = interleaved(runs, reps, rounds)
