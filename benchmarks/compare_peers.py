@@ -507,6 +507,18 @@ _LABELS = {
 }
 
 
+def _qat_lib_rows(rows: dict, divisor: float, fmt: str) -> list[str]:
+  """Markdown rows of a ``{model: ratio_row}`` section: float's time, then each library's time and ratio."""
+  lines = []
+  for name, row in rows.items():
+    cells = [_fmt(row["float"]["ms"] / divisor, fmt)]
+    for lib in QAT_LIBS[1:]:
+      r = row.get(lib, SKIPPED)
+      cells.append(r if isinstance(r, str) else f"{r['ms'] / divisor:{fmt}} ({r['ratio']:.2f}x)")
+    lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def markdown(results: dict) -> str:
   """The README tables for ``results`` (as returned by ``run``); skipped peers show as "skipped"."""
   meta = results.get("meta", {})
@@ -526,12 +538,7 @@ def markdown(results: dict) -> str:
       "| model | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
       "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, row in results["qat_step"].items():
-      cells = [_fmt(row["float"]["ms"], ".1f")]
-      for lib in QAT_LIBS[1:]:
-        r = row.get(lib, SKIPPED)
-        cells.append(r if isinstance(r, str) else f"{r['ms']:.1f} ({r['ratio']:.2f}x)")
-      lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += _qat_lib_rows(results["qat_step"], 1, ".1f")
     lines.append("")
   if "compile" in results:
     lines += [
@@ -541,12 +548,7 @@ def markdown(results: dict) -> str:
       "| compiled step | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
       "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, row in results["compile"].items():
-      cells = [_fmt(row["float"]["ms"] / 1e3, ".2f")]
-      for lib in QAT_LIBS[1:]:
-        r = row.get(lib, SKIPPED)
-        cells.append(r if isinstance(r, str) else f"{r['ms'] / 1e3:.2f} ({r['ratio']:.2f}x)")
-      lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += _qat_lib_rows(results["compile"], 1e3, ".2f")
     lines.append("")
   if "serving" in results:
     variants = [v for v in next(iter(results["serving"].values()))]
