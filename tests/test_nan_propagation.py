@@ -182,3 +182,40 @@ def test_quantize_writes_no_float_copy_of_its_input():
   body = hlo[hlo.index("ENTRY") :].splitlines()[1:]
   written = [line for line in body if "= f32[64,256]" in line and "parameter(" not in line]
   assert not written, written
+
+
+TOKEN = jqat.QatConfig(per_channel=True)  # dynamic per-token activation ranges
+
+
+def _per_token_layer(api, w):
+  """A per-token QAT dense layer with kernel ``w``, in linen or NNX, as ``x -> y``."""
+  import functools
+
+  import flax.linen as nn
+  from flax import nnx
+
+  if api == "linen":
+    layer = nn.Dense(4, use_bias=False, dot_general_cls=functools.partial(jqat.linen.QatDotGeneral, lhs_config=TOKEN))
+    return lambda x: layer.apply({"params": {"kernel": w}, "quant_stats": {}}, x, mutable=["quant_stats"])[0]
+  layer = jqat.nnx.QatDense(8, 4, use_bias=False, activation_config=TOKEN, rngs=nnx.Rngs(0))
+  layer.kernel.set_value(jnp.asarray(w))
+  return nnx.jit(lambda layer, x: layer(x)).__get__(layer)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_per_token_layer_marks_exactly_the_rows_that_meet_nan_or_inf(api):
+  x, w = _bad_lhs()
+  fn = jax.jit(_per_token_layer(api, w)) if api == "linen" else _per_token_layer(api, w)
+  y = np.asarray(fn(x))
+  np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
+  # The other rows: each token quantized with its own range, as fake_quant computes it.
+  xcfg = jqat.QatConfig(per_channel=True, channel_axis=0)  # the rows of x: what the layer does with TOKEN
+  wcfg = jqat.QatConfig(per_channel=True)
+  xqp, wqp = jqat.qparams_from_array(x, xcfg), jqat.qparams_from_array(w, wcfg)
+  ref = np.asarray(jqat.fake_quant(x, xqp, xcfg)) @ np.asarray(jqat.fake_quant(w, wqp, wcfg))
+  good = [0, 2, 4]
+  np.testing.assert_allclose(y[good], ref[good], rtol=1e-5, atol=1e-5)
+  # A row's outputs do not depend on the other rows (per-token ranges): the clean input gives the same rows.
+  clean = x.copy()
+  clean[1], clean[3] = 0.5, -0.5
+  np.testing.assert_array_equal(np.asarray(fn(clean))[good], y[good])

@@ -92,9 +92,34 @@ def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz, rhs_sums=None):
   return int_kernels.rescale(acc, scale, plan).astype(static.out_dtype)
 
 
-def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None):
+def _materialized(a) -> jax.Array:
+  """``a``, as the result of a small kernel of its own: the same values, computed once.
+
+  The quantization parameters are a few scalars or one value per channel,
+  computed from the ranges by a chain of cheap elementwise ops. XLA would
+  fuse that chain into every elementwise consumer (the quantize, the
+  rescale, the backward's dequantize and masks) and evaluate it again for
+  each element there: on CPU that cost a QAT step of an MLP 4-6 %. A
+  reduction is never fused into a consumer that broadcasts it, so ``max``
+  with ``-inf`` padding (exact for every value, NaN included) makes XLA
+  compute the parameters once. (``lax.optimization_barrier`` does not: XLA
+  removes it before fusion. A single-element array gets seven padding rows:
+  XLA turns a max of two scalars back into an elementwise op.)
+  """
+  a = jnp.asarray(a)
+  if not jnp.issubdtype(a.dtype, jnp.floating) or a.size == 0:
+    return a
+  pad = jnp.full((7 if a.size == 1 else 1, a.size), -jnp.inf, a.dtype)
+  return jnp.max(jnp.concatenate([a.reshape(1, -1), pad]), axis=0).reshape(a.shape)
+
+
+def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None, lhs_mark=None):
   """Output and residuals: the grid values (int8 / fp8) or raw operand, and the masks."""
   lcfg, rcfg = static.lhs_config, static.rhs_config
+  if lcfg is not None:
+    ls, lz = _materialized(ls), _materialized(lz)
+  if rcfg is not None:
+    rs, rz = _materialized(rs), _materialized(rz)
   if lcfg is not None:
     ql, ml = _quantize(lhs, ls, lz, lcfg)
   else:
@@ -116,9 +141,14 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None):
   # An integer grid has no NaN: rows and columns that met a NaN or Inf are
   # made non-finite, as the float dot would give them (one fused reduction).
   # ``rhs_mark`` (0 or NaN per column, contracting axes of size 1) is that sum
-  # when the caller already knows it from the kernel's range.
+  # when the caller already knows it from the kernel's range, ``lhs_mark``
+  # (per row) from the activation's.
   mark = int_kernels.nonfinite_out(
-    lhs, rhs if rhs_mark is None else rhs_mark, static.dims, check_lhs=lcfg is not None, check_rhs=rcfg is not None
+    lhs if lhs_mark is None else lhs_mark,
+    rhs if rhs_mark is None else rhs_mark,
+    static.dims,
+    check_lhs=lcfg is not None,
+    check_rhs=rcfg is not None,
   )
   if mark is not None:
     y = y + mark.astype(y.dtype)
@@ -128,17 +158,17 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qat_dot(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark):
-  return _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)[0]
+def _qat_dot(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark):
+  return _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark)[0]
 
 
-def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark):
-  y, res = _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)
-  return y, (res, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype), rhs_mark)
+def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark):
+  y, res = _forward(static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark)
+  return y, (res, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype), rhs_mark, lhs_mark)
 
 
 def _qat_dot_bwd(static: _Static, res, g):
-  (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto, rhs_mark = res
+  (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto, rhs_mark, lhs_mark = res
   lcfg, rcfg = static.lhs_config, static.rhs_config
   a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lproto.dtype)
   b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rproto.dtype)
@@ -151,7 +181,8 @@ def _qat_dot_bwd(static: _Static, res, g):
   if mr is not None:
     db = jnp.where(mr, db, jnp.zeros_like(db))
   zeros = jnp.zeros_like(ls), jnp.zeros_like(lz), jnp.zeros_like(rs), jnp.zeros_like(rz)
-  return da, db, *zeros, None if rhs_mark is None else jnp.zeros_like(rhs_mark)
+  marks = (None if m is None else jnp.zeros_like(m) for m in (rhs_mark, lhs_mark))
+  return da, db, *zeros, *marks
 
 
 _qat_dot.defvjp(_qat_dot_fwd, _qat_dot_bwd)
@@ -302,6 +333,7 @@ def dot_general_with_mark(
   lhs_may_clip=True,
   rhs_may_clip=True,
   rhs_mark=None,
+  lhs_mark=None,
 ) -> jax.Array:
   """``qat_dot_general`` with the kernel's non-finite mark given instead of computed.
 
@@ -309,7 +341,9 @@ def dot_general_with_mark(
   the contracting axes of size 1): NaN exactly where the column holds a NaN
   or ±Inf. A kernel quantized with its own per-channel range has it from the
   range's reduction (see ``flax.common.own_range_qparams``), which saves a
-  pass over the kernel.
+  pass over the kernel. ``lhs_mark``: the same per row of ``lhs`` (its
+  contracting axes of size 1), from an activation's range
+  (``flax.common.activation_qparams``).
   """
   lhs = jnp.asarray(lhs)
   rhs = jnp.asarray(rhs)
@@ -337,7 +371,9 @@ def dot_general_with_mark(
   static = _Static(dims, lhs_config, rhs_config, precision, out_dtype, integer, lhs_may_clip, rhs_may_clip)
   if rhs_config is None:
     rhs_mark = None
-  return _qat_dot(static, lhs, rhs, ls, lz, rs, rz, rhs_mark)
+  if lhs_config is None:
+    lhs_mark = None
+  return _qat_dot(static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark)
 
 
 def _params_or_placeholder(qp: QParams | None, config: QatConfig | None, name: str, shape):

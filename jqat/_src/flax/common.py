@@ -195,6 +195,24 @@ def activation_qparams(
   return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats
 
 
+def dynamic_activation_qparams(x: jax.Array, config: QatConfig, contracting) -> tuple[QParams, jax.Array | None]:
+  """A dynamic (per-token or per-group) activation's QParams from its own range, and its rows' mark, or None.
+
+  When the blocks of ``config`` are the rows of a dot that contracts ``x``
+  over ``contracting`` (per-token ranges), ``own_range_qparams`` takes the
+  range with one plain reduction and its mark is the dot's row mark, so the
+  dot makes a non-finite row's outputs NaN without a pass of its own (such a
+  row gets scale 1). Otherwise ``qparams_from_array`` and None.
+  """
+  x = lax.stop_gradient(x)
+  rows = config.group_size is None and set(qparams_lib.reduce_axes(x.shape, config)) == {
+    a % x.ndim for a in contracting
+  }
+  if not rows:
+    return qparams_lib.qparams_from_array(x, config), None
+  return own_range_qparams(x, config, marked_blocks=True)
+
+
 def own_range_qparams(
   x: jax.Array, config: QatConfig, *, marked_blocks: bool = False
 ) -> tuple[QParams, jax.Array | None]:
@@ -251,6 +269,7 @@ def quantized_dot_general(
   precision=None,
   preferred_element_type=None,
   out_sharding=None,
+  lhs_mark=None,
 ) -> jax.Array:
   """The QAT forward: the integer dot of the quantized operands, straight-through backward.
 
@@ -262,11 +281,13 @@ def quantized_dot_general(
   reduction also gives the kernel's non-finite mark when its blocks are its
   columns (a per-channel kernel); a column holding NaN or ±Inf then gets
   scale 1 (its outputs are NaN through the mark, its gradient for the
-  input is that of the float dot at a finite stand-in).
+  input is that of the float dot at a finite stand-in). ``lhs_mark``: the
+  same for the activation's rows, from ``dynamic_activation_qparams``, or
+  None.
   """
   lhs_own_range = lhs_config is not None and (lhs_config.per_channel or lhs_config.group_size is not None)
 
-  def dot(lhs, rhs, lhs_qp, rhs_qp):
+  def dot(lhs, rhs, lhs_qp, rhs_qp, lhs_mark):
     rhs_mark = None
     if rhs_qp is None and rhs_config is not None:
       (_, rc), _ = dimension_numbers
@@ -288,9 +309,10 @@ def quantized_dot_general(
       lhs_may_clip=not lhs_own_range,
       rhs_may_clip=False,
       rhs_mark=rhs_mark,
+      lhs_mark=lhs_mark,
     )
 
-  return with_out_sharding(dot, out_sharding)(lhs, rhs, lhs_qp, rhs_qp)
+  return with_out_sharding(dot, out_sharding)(lhs, rhs, lhs_qp, rhs_qp, lhs_mark)
 
 
 def with_out_sharding(fn, out_sharding):

@@ -206,23 +206,29 @@ class _QuantOperands:
     )
     calib.value = {**calib.value, "stats": calibration.update_stats(calib.value["stats"], x)}
 
-  def _lhs_qparams(self, x, config: QatConfig) -> QParams:
+  def _lhs_qparams(self, x, config: QatConfig, contracting=None) -> QParams:
+    return self._lhs_qparams_and_mark(x, config, contracting)[0]
+
+  def _lhs_qparams_and_mark(self, x, config: QatConfig, contracting=None) -> tuple[QParams, jax.Array | None]:
+    """The activation's QParams, and its rows' non-finite mark when its range gives it (per token), else None."""
     if common.uses_lsq(config):
       init = qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
       scale = self.param("lhs_scale", lambda _: init.scale)
       zp = self.param("lhs_zero_point", lambda _: init.zero_point) if not config.symmetric else init.zero_point
-      return QParams(scale, zp)
+      return QParams(scale, zp), None
     if common.is_dynamic(config):
-      return qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
+      if contracting is None:
+        return qparams_lib.qparams_from_array(lax.stop_gradient(x), config), None
+      return common.dynamic_activation_qparams(x, config, contracting)
     if not self.has_variable(STATS, "lhs") and not self.is_mutable_collection(STATS):
       # Applied with params alone: the batch's own range, as before the first statistics.
-      return common.activation_qparams(x, None, config, update=False)[0]
+      return common.activation_qparams(x, None, config, update=False)[0], None
     stats = self.variable(STATS, "lhs", common.init_activation_stats, config, self.momentum)
     update = self.is_mutable_collection(STATS) and not self.is_initializing()
     qp, new = common.activation_qparams(x, stats.value, config, update=update)
     if update:
       stats.value = new
-    return qp
+    return qp, None
 
   def _write_serving(self, rhs, rhs_qp, contracting, lhs_cfg, rhs_cfg, where):
     """Stores the quantized kernel and the activation's frozen range in the ``serving`` collection.
@@ -387,7 +393,7 @@ class QatDotGeneral(_QuantOperands, nn.Module):
       self._observe(lhs, lhs_cfg, where)
       return float_dot(lhs, rhs)
 
-    lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
+    lhs_qp, lhs_mark = self._lhs_qparams_and_mark(lhs, lhs_cfg, lc) if lhs_cfg is not None else (None, None)
     rhs_qp = None
     if rhs_cfg is not None and (converting or common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg)):
       rhs_qp = self._rhs_qparams(rhs, rhs_cfg)
@@ -410,6 +416,7 @@ class QatDotGeneral(_QuantOperands, nn.Module):
       precision=precision,
       preferred_element_type=preferred_element_type,
       out_sharding=out_sharding,
+      lhs_mark=lhs_mark,
     )
 
   def _serve(self, lhs, rhs_shape, dimension_numbers, lhs_cfg, rhs_cfg, preferred_element_type, out_sharding):

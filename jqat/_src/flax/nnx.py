@@ -261,6 +261,10 @@ class _Quantizer(nnx.Module):
     self.lhs_calib.set_value(calibration.update_stats(self.lhs_calib.get_value(), lax.stop_gradient(x)))
 
   def _lhs_qparams(self, x, config: QatConfig) -> QParams:
+    return self._lhs_qparams_and_mark(x, config)[0]
+
+  def _lhs_qparams_and_mark(self, x, config: QatConfig, contracting=None) -> tuple[QParams, jax.Array | None]:
+    """The activation's QParams, and its rows' non-finite mark when its range gives it (per token), else None."""
     shape = qparams_lib.params_shape(jnp.shape(x), config)
     if common.uses_lsq(config):
       batch = qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
@@ -276,13 +280,15 @@ class _Quantizer(nnx.Module):
           zp_param.set_value(lax.stop_gradient(zp))
         self.lhs_lsq_ready.set_value(jnp.ones((), bool))
       zp = jnp.zeros((), jnp.float32) if zp is None else zp
-      return QParams(scale.reshape(shape), zp.reshape(shape))
+      return QParams(scale.reshape(shape), zp.reshape(shape)), None
+    if common.is_dynamic(config) and contracting is not None:
+      return common.dynamic_activation_qparams(x, config, contracting)
     stats = self.lhs_stats.get_value() if self.lhs_stats is not None else None
     update = stats is not None and not self.use_running_average
     qp, new = common.activation_qparams(x, stats, config, update=update)
     if update:
       self.lhs_stats.set_value(new)
-    return qp
+    return qp, None
 
   def _rhs_qparams(self, w, config: QatConfig) -> QParams:
     if common.uses_lsq(config):
@@ -475,7 +481,8 @@ class QatDotGeneral(_Quantizer):
     if self.mode == "calibrate":
       self._observe(lhs)
       return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
-    lhs_qp = self._lhs_qparams(lhs, lhs_cfg) if lhs_cfg is not None else None
+    (lc, _), _ = dimension_numbers
+    lhs_qp, lhs_mark = self._lhs_qparams_and_mark(lhs, lhs_cfg, lc) if lhs_cfg is not None else (None, None)
     lsq = common.uses_lsq(lhs_cfg) or common.uses_lsq(rhs_cfg)
     # Without LSQ the kernel's own range is taken in the dot, from the reduction that also finds its NaN columns.
     rhs_qp = self._rhs_qparams(rhs, rhs_cfg) if rhs_cfg is not None and lsq else None
@@ -484,7 +491,9 @@ class QatDotGeneral(_Quantizer):
       lq = fake_quant(lhs, lhs_qp, lhs_cfg) if lhs_cfg is not None else lhs
       rq = fake_quant(rhs, rhs_qp, rhs_cfg) if rhs_cfg is not None else rhs
       return lax.dot_general(lq, rq, dimension_numbers, **kwargs)
-    return common.quantized_dot_general(lhs, rhs, dimension_numbers, lhs_qp, rhs_qp, lhs_cfg, rhs_cfg, **kwargs)
+    return common.quantized_dot_general(
+      lhs, rhs, dimension_numbers, lhs_qp, rhs_qp, lhs_cfg, rhs_cfg, lhs_mark=lhs_mark, **kwargs
+    )
 
   def convert(self, kernel, contracting=(0,), batch=()) -> None:
     """Stores ``kernel`` quantized, and the frozen (or moving-average) activation range, for serving.
