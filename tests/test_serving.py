@@ -89,6 +89,40 @@ def test_serving_hlo_has_integer_dot_with_int32_result():
   assert "xi8>" in hlo and "-> tensor<4x128xi32>" in hlo, hlo[:2000]
 
 
+@functools.cache
+def _served_dense(m=64, k=64, n=40):
+  layer = qnn.QatDense(n, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (m, k))
+  v = layer.init(jax.random.key(1), x)
+  _, upd = layer.apply(v, x, mutable=["quant_stats"])
+  return layer, qnn.convert(layer, {**v, **upd}, x), x
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fusion layout is XLA:CPU's")
+def test_serving_writes_the_output_once_after_the_int8_dot():
+  # Float activations in: the range reduction's NaN / Inf row mark, the quantize, the int8 dot and ONE
+  # elementwise pass (zero-point correction, int32 -> float32, scale, mark) that writes the (M, N) output; no
+  # float (M, N) intermediate written out and read back.
+  layer, served, x = _served_dense()
+  hlo = jax.jit(layer.apply).lower(served, x).compile().as_text()
+  body = hlo[hlo.index("\nENTRY") :].splitlines()[1:]
+  written = [line.split("=")[0].strip() for line in body if "= f32[64,40]" in line and "parameter(" not in line]
+  assert len(written) == 1, written
+  dots = [line for line in body if "= s32[64,40]" in line]
+  assert len(dots) == 1, dots
+
+
+def test_serving_marks_exactly_the_rows_that_held_nan_or_inf():
+  layer, served, x = _served_dense()
+  bad = x.at[3, 5].set(jnp.nan).at[10, 0].set(jnp.inf).at[20, 63].set(-jnp.inf)
+  y = np.asarray(jax.jit(layer.apply)(served, bad))
+  rows = [3, 10, 20]
+  assert np.isnan(y[rows]).all()
+  # The other rows: exactly what the same layer gives for them alone (the range is frozen, so rows are independent).
+  alone = jax.jit(layer.apply)(served, np.delete(bad, rows, axis=0))
+  np.testing.assert_array_equal(np.delete(y, rows, axis=0), np.asarray(alone))
+
+
 def test_save_and_load_round_trip_keeps_integer_dtypes_and_size():
   x = _digits(256)
   sizes = {}

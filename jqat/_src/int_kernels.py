@@ -361,25 +361,40 @@ def nonfinite_out(lhs: jax.Array, rhs: jax.Array, dims: DimensionNumbers, *, che
   An output element is touched when its row of ``lhs`` or its column of
   ``rhs`` (over the contracting axes) holds a non-finite value; that is where
   the float dot is non-finite (up to an Inf meeting a 0). ``Σ (x - x)`` over the
-  contraction is exactly that mark (``Inf - Inf`` and ``NaN - NaN`` are NaN): one
-  float sum per operand, and adding its broadcast fuses into the rescale. (Not
-  ``Σ x · 0``: XLA shares the broadcast zeros of that product with other zeros
-  of the program and writes them out as a whole tensor first.)
+  contraction is NaN exactly there (``Inf - Inf`` and ``NaN - NaN`` are NaN):
+  one float sum per operand. (Not ``Σ x · 0``: XLA shares the broadcast zeros of
+  that product with other zeros of the program and writes them out as a whole
+  tensor first.)
+
+  The mark is ``where(isnan(Σ (x - x)), NaN, 0)``, the same values as the sum
+  itself, so that its broadcast add fuses into the one elementwise pass of the
+  rescale: XLA:CPU runs the plain sum as a library (YNNPACK) reduction, which
+  takes its float consumers (the add and the scale's multiply) in with it, and
+  the int32 -> float32 conversion before them is then written out as a whole
+  ``(M, N)`` tensor and read back. The compare and select end that reduction's
+  fusion at the ``(M, 1)`` mark.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 2.0], [jnp.inf, 0.0], [3.0, jnp.nan]])
+    >>> w = jnp.ones((2, 3))
+    >>> nonfinite_out(x, w, (((1,), (0,)), ((), ())), check_rhs=False)[:, 0].tolist()
+    [0.0, nan, nan]
   """
   (lc, rc), (lb, rb) = dims
   lf, rf = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
 
-  def diff(a):
+  def mark(a, axes):
     a = a.astype(jnp.float32)
-    return a - a
+    s = jnp.sum(a - a, axis=axes, keepdims=True)
+    return jnp.where(jnp.isnan(s), jnp.float32(jnp.nan), jnp.float32(0))
 
   out = None
   if check_lhs:
-    mark = jnp.sum(diff(lhs), axis=lc, keepdims=True)
-    out = _to_out(mark, lc, lb, lf, len(rf), True, ())
+    out = _to_out(mark(lhs, lc), lc, lb, lf, len(rf), True, ())
   if check_rhs:
-    mark = _to_out(jnp.sum(diff(rhs), axis=rc, keepdims=True), rc, rb, rf, len(lf), False, ())
-    out = mark if out is None else out + mark
+    m = _to_out(mark(rhs, rc), rc, rb, rf, len(lf), False, ())
+    out = m if out is None else out + m
   return out
 
 
