@@ -1,6 +1,7 @@
 """Serving matmul: float32 vs the raw int8 dot vs jqat w8a8 and weight-only int8.
 
-Run: ``python benchmarks/bench_serving.py [--reps 15] [--rounds 5] [--shapes 8x4096x4096,...] [--only w-only,...]``.
+Run: ``python benchmarks/bench_serving.py [--reps 15] [--rounds 5] [--shapes 8x4096x4096,...] [--only w-only,...]
+[--parts] [--nan-check]``.
 
 For each (M, K, N) it times, as jitted functions (median of ``reps`` calls
 after warm-up, each ``block_until_ready``):
@@ -14,6 +15,13 @@ after warm-up, each ``block_until_ready``):
   prepared weight sums (``jqat.weight_sums``);
 * ``w8a8 int-in``: activations already int8 (the previous layer's output):
   ``int_matmul`` on QTensors alone, comparable with the raw int8 dot;
+* ``w8a8 flax``: a converted ``jqat.linen.QatDense`` (default configs: int8
+  per-channel kernel, asymmetric int8 activations with the frozen range)
+  applied to float activations: the serving path of a Flax model, with its
+  NaN / Inf row mark;
+* ``w8a8 floor``: the least XLA program for float activations: the frozen
+  quantize (no NaN / Inf check), the int8 dot and one rescale, written out by
+  hand; what any w8a8 with float inputs can reach on this backend;
 * ``w-only``: float activations, int8 weights, ``jqat.weight_only_matmul``
   (``k_block="auto"``: one dot for a weight of up to 2^21 values, else blocks
   of about 8 MiB of float32; ``kb128`` / ``kb1024`` other block sizes;
@@ -25,8 +33,16 @@ after warm-up, each ``block_until_ready``):
 Every variant runs once per round, the order alternating between rounds, and
 each figure is the best of the ``--rounds`` medians.
 
-It prints times, ratios to float and to the raw int8 dot, and the bytes of
-the serving variables (int8 values, scales, weight sums) against float32.
+It prints times, ratios to float and to the raw int8 dot, the number of
+fusions in each compiled program's entry computation (every fusion but the
+dot's is a pass over an operand or the output), and the bytes of the serving
+variables (int8 values, scales, weight sums) against float32.
+
+``--parts``: instead, each pass of w8a8 with float inputs as its own jitted
+function, interleaved with the raw int8 dot: the activation range (min / max
+of the finite values, as ``qparams_from_array``; and a plain min / max), the
+NaN / Inf mark ``Σ (x - x)``, the quantize, the rescale; and their sums for the
+dynamic and the frozen path, as ratios to the raw int8 dot.
 
 ``--nan-check``: instead, ``w8a8 dyn`` and ``w8a8 frozen`` as they are against
 the same functions traced with ``quantize``'s NaN / Inf check
@@ -47,6 +63,7 @@ import numpy as np
 from jax import lax
 
 import jqat
+from jqat import linen as qnn
 from jqat._src import qtensor
 
 MATMUL = (((1,), (0,)), ((), ()))
@@ -66,6 +83,31 @@ def median_ms(f, *args, reps: int) -> float:
 
 def nbytes(tree) -> int:
   return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def fusion_count(f, *args) -> int:
+  """Fusions in the entry computation of ``f``'s compiled program (the dot's library fusion among them)."""
+  text = f.lower(*args).compile().as_text()
+  entry = text[text.index("\nENTRY") :]
+  return sum(" fusion(" in line for line in entry.splitlines())
+
+
+def flax_serving(x: jax.Array, w: jax.Array):
+  """``(apply, served variables)`` of a converted ``QatDense`` holding ``w``, its range frozen from ``x``."""
+  model = qnn.QatDense(w.shape[1], use_bias=False)
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  variables = {**variables, "params": {"kernel": w}}
+  _, stats = model.apply(variables, x, mutable=["quant_stats"])
+  return jax.jit(model.apply), qnn.convert(model, {**variables, **stats}, x)
+
+
+def w8a8_floor(x, xqp, wp):
+  """Frozen asymmetric quantize, int8 dot, one rescale: no NaN / Inf mark, nothing else."""
+  inv = 1 / xqp.scale
+  q = jnp.clip(jnp.round(x * inv) + xqp.zero_point, -128, 127).astype(jnp.int8)
+  acc = lax.dot_general(q, wp.values, MATMUL, preferred_element_type=jnp.int32)
+  acc = acc - xqp.zero_point.astype(jnp.int32) * wp.sums
+  return acc.astype(jnp.float32) * (xqp.scale * wp.scale)
 
 
 def bench_shape(m: int, k: int, n: int, reps: int, rounds: int = 1, only=()) -> None:
@@ -98,6 +140,8 @@ def bench_shape(m: int, k: int, n: int, reps: int, rounds: int = 1, only=()) -> 
     "w8a8 dyn": (jax.jit(w8a8_dynamic), x, wq),
     "w8a8 frozen": (jax.jit(w8a8_frozen), x, xqp, wp),
     "w8a8 int-in": (jax.jit(jqat.int_matmul), xq, wp),
+    "w8a8 flax": (*flax_serving(x, w), x),
+    "w8a8 floor": (jax.jit(w8a8_floor), x, xqp, wp),
     "w-only": (jax.jit(jqat.weight_only_matmul), x, wq),
     "w-only 1dot": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=None)), x, wq),
     "w-only kb128": (jax.jit(lambda a, b: jqat.weight_only_matmul(a, b, k_block=128)), x, wq),
@@ -118,14 +162,15 @@ def bench_shape(m: int, k: int, n: int, reps: int, rounds: int = 1, only=()) -> 
       times[name] = min(times[name], median_ms(f, *args, reps=reps))
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   print(f"(M, K, N) = ({m}, {k}, {n})")
-  print(f"  {'variant':<13} {'ms':>8} {'/float':>7} {'/raw int8':>9}  max |err| vs float64")
+  print(f"  {'variant':<13} {'ms':>8} {'/float':>7} {'/raw int8':>9} {'fusions':>7}  max |err| vs float64")
   for name, t in times.items():
     f, *args = variants[name]
     out = np.asarray(f(*args), np.float64)
     err = "" if name == "raw int8" else f"{np.max(np.abs(out - ref)):.2e}"
     if name.startswith("w4"):
       err += " (int4)"
-    print(f"  {name:<13} {t:8.3f} {t / times['float']:7.2f} {t / times['raw int8']:9.2f}  {err}")
+    fusions = fusion_count(f, *args)
+    print(f"  {name:<13} {t:8.3f} {t / times['float']:7.2f} {t / times['raw int8']:9.2f} {fusions:7d}  {err}")
   float_bytes = nbytes(w)
   serve_bytes = nbytes((wq, sums))
   print(
@@ -186,6 +231,50 @@ def nan_check_cost(m: int, k: int, n: int, reps: int, rounds: int) -> None:
     )
 
 
+def parts(m: int, k: int, n: int, reps: int, rounds: int) -> None:
+  """Each pass of w8a8 with float activations on its own, against the raw int8 dot."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (m, k), jnp.float32)
+  w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
+  xcfg, wcfg = jqat.QatConfig(symmetric=False), jqat.QatConfig(per_channel=True)
+  wp = jqat.with_weight_sums(jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg))
+  xqp = jqat.qparams_from_array(x, xcfg)
+  xi = jqat.quantize(x, xqp, xcfg).values
+  acc = lax.dot_general(xi, wp.values, MATMUL, preferred_element_type=jnp.int32)
+
+  def rescale(acc, xqp, wp):
+    acc = acc - xqp.zero_point.astype(jnp.int32) * wp.sums
+    return acc.astype(jnp.float32) * (xqp.scale * wp.scale)
+
+  passes = {
+    "raw int8 dot": (lambda a, b: lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32), xi, wp.values),
+    "range, finite": (lambda x: jqat.array_range(x, xcfg), x),
+    "range, plain": (lambda x: (jnp.min(x), jnp.max(x)), x),
+    "NaN/Inf mark": (lambda x: jnp.sum(x - x), x),
+    "quantize": (lambda x, qp: qtensor.quantize_finite(x, qp, xcfg).values, x, xqp),
+    "rescale": (rescale, acc, xqp, wp),
+  }
+  passes = {name: (jax.jit(f), *args) for name, (f, *args) in passes.items()}
+  times = {name: float("inf") for name in passes}
+  names = list(passes)
+  for r in range(rounds):
+    for name in names if r % 2 == 0 else names[::-1]:
+      f, *args = passes[name]
+      times[name] = min(times[name], median_ms(f, *args, reps=reps))
+  dot = times["raw int8 dot"]
+  print(f"(M, K, N) = ({m}, {k}, {n})")
+  for name, t in times.items():
+    print(f"  {name:<16} {t:8.3f} ms {t / dot:6.3f}x the raw int8 dot")
+  frozen = dot + times["NaN/Inf mark"] + times["quantize"] + times["rescale"]
+  sums = {
+    "dot + quantize + rescale": dot + times["quantize"] + times["rescale"],
+    "frozen (+ mark)": frozen,
+    "dynamic (+ finite range)": frozen + times["range, finite"],
+  }
+  for name, t in sums.items():
+    print(f"  sum: {name:<26} {t:8.3f} ms {t / dot:6.3f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
@@ -193,6 +282,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (best median of each variant)")
   parser.add_argument("--only", type=str, default="", help="comma-separated variants (float and raw int8 always run)")
   parser.add_argument("--nan-check", action="store_true", help="measure the cost of the NaN / Inf check")
+  parser.add_argument("--parts", action="store_true", help="time each pass of w8a8 with float inputs on its own")
   args = parser.parse_args()
   shapes = SHAPES
   if args.shapes:
@@ -201,6 +291,8 @@ def main() -> None:
   for m, k, n in shapes:
     if args.nan_check:
       nan_check_cost(m, k, n, args.reps, args.rounds)
+    elif args.parts:
+      parts(m, k, n, args.reps, args.rounds)
     else:
       bench_shape(m, k, n, args.reps, args.rounds, tuple(v for v in args.only.split(",") if v))
 
