@@ -44,6 +44,14 @@ of the finite values, as ``qparams_from_array``; and a plain min / max), the
 NaN / Inf mark ``Σ (x - x)``, the quantize, the rescale; and their sums for the
 dynamic and the frozen path, as ratios to the raw int8 dot.
 
+``--profile DIR``: instead, the w8a8 variants under ``jax.profiler.trace``
+(written to DIR): the median duration of every compiled op over ``reps``
+calls, the dot's and the sum of the others (the passes around the dot), so
+that the cost of each pass is read per op, not from wall times that other
+load on the machine moves (the two threads' events overlap, so the sum is an
+upper bound of the wall time they add), and their sum as a fraction of the
+same program's dot.
+
 ``--nan-check``: instead, ``w8a8 dyn`` and ``w8a8 frozen`` as they are against
 the same functions traced with ``quantize``'s NaN / Inf check
 (``qtensor._nonfinite_scale``) replaced by a no-op, alternating over
@@ -54,6 +62,11 @@ figure to read on a loaded machine), to measure what the check costs.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import os
 import resource
 import time
 
@@ -275,6 +288,64 @@ def parts(m: int, k: int, n: int, reps: int, rounds: int) -> None:
     print(f"  sum: {name:<26} {t:8.3f} ms {t / dot:6.3f}x")
 
 
+def op_medians(f, *args, reps: int, trace_dir: str) -> dict[str, float]:
+  """Median duration (microseconds) of each compiled op of ``f`` over ``reps`` traced calls."""
+  for _ in range(3):
+    jax.block_until_ready(f(*args))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(reps):
+      jax.block_until_ready(f(*args))
+  (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as fh:
+    events = json.load(fh)["traceEvents"]
+  durations = collections.defaultdict(list)
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and not name.startswith("end:") and ("fusion" in name or name.startswith(("dot", "wrapped"))):
+      durations[name].append(e["dur"])
+  return {name: float(np.median(d)) for name, d in durations.items() if len(d) >= reps}
+
+
+def profile(m: int, k: int, n: int, reps: int, trace_dir: str) -> None:
+  """The w8a8 variants' compiled ops, timed one by one in a profile."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (m, k), jnp.float32)
+  w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
+  xcfg_dyn, xcfg, wcfg = jqat.QatConfig(), jqat.QatConfig(symmetric=False), jqat.QatConfig(per_channel=True)
+  wq = jqat.quantize(w, jqat.qparams_from_array(w, wcfg), wcfg)
+  wp = jqat.with_weight_sums(wq)
+  xqp = jqat.qparams_from_array(x, xcfg)
+  xq = jqat.quantize(x, xqp, xcfg)
+
+  def dynamic(x, wq):
+    return jqat.int_matmul(jqat.quantize(x, jqat.qparams_from_array(x, xcfg_dyn), xcfg_dyn), wq)
+
+  def raw(a, b):
+    return lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32)
+
+  variants = {
+    "raw int8": (jax.jit(raw), xq.values, wq.values),
+    "w8a8 dyn": (jax.jit(dynamic), x, wq),
+    "w8a8 frozen": (jax.jit(lambda x, qp, wp: jqat.int_matmul(jqat.quantize(x, qp, xcfg), wp)), x, xqp, wp),
+    "w8a8 int-in": (jax.jit(jqat.int_matmul), xq, wp),
+    "w8a8 flax": (*flax_serving(x, w), x),
+    "w8a8 floor": (jax.jit(w8a8_floor), x, xqp, wp),
+  }
+  print(f"(M, K, N) = ({m}, {k}, {n}): median op durations in us over {reps} traced calls")
+  for i, (name, (f, *args)) in enumerate(variants.items()):
+    text = f.lower(*args).compile().as_text()
+    entry = text[text.index("\nENTRY") :].splitlines()
+    dots = {line.split("=")[0].split("%")[-1].strip() for line in entry if f"= s32[{m},{n}]" in line}
+    ops = op_medians(f, *args, reps=reps, trace_dir=os.path.join(trace_dir, f"{i}"))
+    dot = sum(t for op, t in ops.items() if op in dots)
+    rest = {op: t for op, t in ops.items() if op not in dots}
+    listed = ", ".join(f"{op} {t:.0f}" for op, t in sorted(rest.items(), key=lambda kv: -kv[1]) if t >= 1)
+    print(
+      f"  {name:<12} dot {dot:7.0f}  others {sum(rest.values()):6.0f} ({sum(rest.values()) / dot:.3f}x its dot)"
+      f"{': ' + listed if listed else ''}"
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=15)
@@ -283,6 +354,7 @@ def main() -> None:
   parser.add_argument("--only", type=str, default="", help="comma-separated variants (float and raw int8 always run)")
   parser.add_argument("--nan-check", action="store_true", help="measure the cost of the NaN / Inf check")
   parser.add_argument("--parts", action="store_true", help="time each pass of w8a8 with float inputs on its own")
+  parser.add_argument("--profile", type=str, default=None, help="trace directory: per-op times of the w8a8 variants")
   args = parser.parse_args()
   shapes = SHAPES
   if args.shapes:
@@ -293,6 +365,8 @@ def main() -> None:
       nan_check_cost(m, k, n, args.reps, args.rounds)
     elif args.parts:
       parts(m, k, n, args.reps, args.rounds)
+    elif args.profile:
+      profile(m, k, n, max(args.reps, 10), os.path.join(args.profile, f"{m}x{k}x{n}"))
     else:
       bench_shape(m, k, n, args.reps, args.rounds, tuple(v for v in args.only.split(",") if v))
 
