@@ -68,6 +68,7 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import time
 
 import jax
@@ -292,6 +293,7 @@ def op_medians(f, *args, reps: int, trace_dir: str) -> dict[str, float]:
   """Median duration (microseconds) of each compiled op of ``f`` over ``reps`` traced calls."""
   for _ in range(3):
     jax.block_until_ready(f(*args))
+  shutil.rmtree(trace_dir, ignore_errors=True)  # one trace to read
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(reps):
       jax.block_until_ready(f(*args))
