@@ -111,3 +111,62 @@ def test_chunked_scatter_equals_np_histogram(size):
   (x,) = _batches(3, (size,), (2.5,), 1001)
   state = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=4096), x)
   _check(state, [x], 4096)
+
+
+def _floor_reference(batches, num_bins):
+  """Counts from the bin index itself, ``floor(|x| * 2^(log2(num_bins) - e))`` in float64, finite values only.
+
+  Independent of ``np.histogram``'s edges: the index of each value, then ``np.bincount``. With no nonzero value
+  ``e`` is the empty exponent and every finite value (a zero) gets index 0. XLA:CPU computes with subnormal
+  inputs read as zero, so a subnormal counts as a zero here too (it matters only when every value is tiny).
+  """
+  values = np.concatenate([np.abs(np.asarray(b, np.float32).astype(np.float64).reshape(-1)) for b in batches])
+  finite = values[np.isfinite(values)]
+  finite = np.where(finite < np.finfo(np.float32).tiny, 0.0, finite)
+  amax = finite.max(initial=0.0)
+  e = int(np.frexp(amax)[1]) if amax > 0 else hist_lib.EMPTY_EXPONENT
+  idx = np.floor(finite * 2.0 ** (num_bins.bit_length() - 1 - e)).astype(np.int64)
+  return np.bincount(idx, minlength=num_bins), e, values.size - finite.size
+
+
+def _check_floor(state, batches, num_bins):
+  counts, e, bad = _floor_reference(batches, num_bins)
+  assert counts.shape == (num_bins,)  # no index at or past num_bins
+  np.testing.assert_array_equal(np.asarray(state.counts), counts)
+  assert int(state.exponent) == e and int(state.nonfinite) == bad
+
+
+# Runs of one value (zeros above all, as after a ReLU) next to bin edges, subnormals, wide magnitudes and NaN/±Inf.
+_RUN_VALUES = st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 2.0**-20, 1.0, -1.0, 0.75, 3.0, 1e30, np.nan, np.inf, -np.inf])
+_RUNS = st.lists(st.tuples(_RUN_VALUES | st.floats(-1e4, 1e4, width=32), st.integers(1, 40)), min_size=1, max_size=12)
+
+
+def _from_runs(runs, size=96):
+  out = np.concatenate([np.full(n, v, np.float32) for v, n in runs])
+  return np.resize(out, size)  # one shape: one compilation
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_RUNS, min_size=1, max_size=3))
+def test_counts_equal_floor_of_scaled_values_property(batches):
+  batches = [_from_runs(r) for r in batches]
+  n = 4096
+  state = jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n)
+  for k, b in enumerate(batches):
+    state = _update(state, b)
+    _check_floor(state, batches[: k + 1], n)
+
+
+def test_long_runs_across_scatter_chunks_equal_floor_reference():
+  # Runs of zeros, NaN and one repeated value that straddle the 64K-element chunks of the scatter, and the
+  # remainder after the last chunk.
+  size = 2 * hist_lib.SCATTER_CHUNK + 1000
+  x = np.random.default_rng(4).normal(size=size).astype(np.float32)
+  x[: hist_lib.SCATTER_CHUNK + 500] = 0.0
+  x[hist_lib.SCATTER_CHUNK + 500 : hist_lib.SCATTER_CHUNK + 700] = np.nan
+  x[-1500:-200] = 0.375
+  x[-200:] = np.maximum(x[-200:], 0.0)
+  for n in (4096, 65536):
+    state = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n), x)
+    _check_floor(state, [x], n)
+    assert int(state.counts[0]) >= hist_lib.SCATTER_CHUNK + 500

@@ -42,6 +42,8 @@ DEFAULT_NUM_BINS = 65536
 SEARCH_BINS = 2048
 # Elements per scatter in ``histogram_update``.
 SCATTER_CHUNK = 2**16
+# Spare scatter slots that share out bin 0 in ``histogram_update`` (a power of two).
+SPREAD = 64
 
 
 class HistogramState(NamedTuple):
@@ -128,44 +130,70 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
 
   Two passes over ``x``: one reduction for the range (which fixes the
   exponent), then the bin indices and a scatter-add of them, chunk by chunk.
-  The scatter, one read-modify-write per element, is what costs.
+  The scatter, one read-modify-write per element, is what costs: on XLA:CPU
+  it runs on one core at about 0.35 ns per element, several times a
+  vectorized reduction over the same data. (Sort-free alternatives cost
+  more: counting by a matmul of one-hot matrices takes ``num_bins``
+  multiply-adds per element, a sort ``log2(x.size)`` passes.)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jqat._src.calibration import histogram as hist_lib
+    >>> s = hist_lib.histogram_update(hist_lib.histogram_init(4096), jnp.array([0.0, 0.5, -1.0, 3.0, jnp.nan]))
+    >>> int(s.exponent), int(s.count), int(s.nonfinite)
+    (2, 4, 1)
+    >>> [int(i) for i in jnp.nonzero(s.counts)[0]], [int(c) for c in s.counts[jnp.nonzero(s.counts)]]
+    ([0, 512, 1024, 3072], [1, 1, 1, 1])
   """
   x = jnp.asarray(x)
   range_stats.check_nonempty(x)
   x = x.astype(jnp.float32).reshape(-1)
   n = state.counts.shape[0]
   log2n = _log2_bins(n)
-  lo, hi, bad = range_stats.finite_range(x, (1,))
+  lo, hi, _ = range_stats.finite_range(x, (1,))
   lo, hi = lo[0], hi[0]
   amax = jnp.where(lo <= hi, jnp.maximum(-lo, hi), 0.0)
   e = jnp.maximum(state.exponent, _exponent_of(amax))
   counts = _widen(state.counts, e - state.exponent)
   # |x| * 2^(log2n - e) is exact, so each value's bin is the same whatever the batch; a finite value is below
-  # 2^e, so its index is below n. NaN and ±Inf fail the comparison: they are counted in bin 0 and taken out
-  # of it after the scatter, so that every index is in bounds and the scatter checks none.
+  # 2^e, so its index is below n. The scatter runs on n + SPREAD + 1 slots: a value of bin 1 to n - 1 goes to
+  # its bin, one of bin 0 (zeros included) to the spare slot n + (position mod SPREAD), and NaN and ±Inf
+  # (which fail ``scaled < n``) to the last slot; the spare slots are summed into bin 0, the last one is the
+  # non-finite count. Every index is in bounds, so the scatter checks none. Why spare slots: a run of zeros
+  # (ReLU outputs, padding) would send consecutive updates to one bin, each waiting for the previous one's
+  # store; spread over SPREAD slots they do not (ReLU activations: observe 1.7x faster; other data: int32
+  # indices instead of uint16, 5-10 % slower). The non-finite count comes from the scatter, not from
+  # ``finite_range``, whose shortcut relies on min and max propagating NaN: XLA:CPU's reductions over 4096
+  # elements or more can drop a NaN.
   k = log2n - e
+  # In chunks that stay in cache with their indices: XLA:CPU's scatter over one large batch runs several times
+  # slower per element (4M elements at once: 4x the time of 64 chunks of 64K).
+  main = x.size - x.size % SCATTER_CHUNK
+  chunk = SCATTER_CHUNK if main > SCATTER_CHUNK else x.size
+  spare = n + (lax.iota(jnp.int32, chunk) & (SPREAD - 1))
+  # The barrier keeps XLA from rebuilding the broadcast of ones in every chunk.
+  ones = lax.optimization_barrier(jnp.ones((chunk,), jnp.int32))
 
-  def add(counts, xi):
+  def add(acc, xi):
     scaled = _scale_pow2(jnp.abs(xi), k)
-    idx = jnp.where(scaled < n, scaled, 0).astype(jnp.uint16 if n <= 2**16 else jnp.int32)
+    idx = jnp.where(scaled < n, jnp.where(scaled >= 1, scaled.astype(jnp.int32), spare[: xi.size]), n + SPREAD)
     return lax.scatter_add(
-      counts,
+      acc,
       idx[:, None],
-      jnp.ones(idx.shape, jnp.int32),
+      ones[: xi.size],
       lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)),
       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
 
-  # In chunks that stay in cache with their indices: XLA:CPU's scatter over one large batch runs several times
-  # slower per element (4M elements at once: 4x the time of 64 chunks of 64K).
-  main = x.size - x.size % SCATTER_CHUNK
+  acc = jnp.concatenate([counts, jnp.zeros((SPREAD + 1,), jnp.int32)])
   if main > SCATTER_CHUNK:
-    counts, _ = lax.scan(lambda c, xi: (add(c, xi), None), counts, x[:main].reshape(-1, SCATTER_CHUNK))
+    acc, _ = lax.scan(lambda c, xi: (add(c, xi), None), acc, x[:main].reshape(-1, SCATTER_CHUNK))
     if main < x.size:
-      counts = add(counts, x[main:])
+      acc = add(acc, x[main:])
   else:
-    counts = add(counts, x)
-  counts = counts.at[0].add(-bad)
+    acc = add(acc, x)
+  bad = acc[n + SPREAD]
+  counts = acc[:n].at[0].add(jnp.sum(acc[n : n + SPREAD]))
   return HistogramState(
     counts,
     e,
