@@ -219,3 +219,35 @@ def test_per_token_layer_marks_exactly_the_rows_that_meet_nan_or_inf(api):
   clean = x.copy()
   clean[1], clean[3] = 0.5, -0.5
   np.testing.assert_array_equal(np.asarray(fn(clean))[good], y[good])
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_moving_average_layer_marks_the_rows_that_meet_nan_and_skips_them_in_its_range(api):
+  import functools
+
+  import flax.linen as nn
+  from flax import nnx
+
+  x, w = _bad_lhs()
+  if api == "linen":
+    layer = nn.Dense(4, use_bias=False, dot_general_cls=functools.partial(jqat.linen.QatDotGeneral, lhs_config=ACT))
+    stats = layer.init(jax.random.key(0), x)["quant_stats"]
+    variables = {"params": {"kernel": w}, "quant_stats": stats}
+    y, upd = jax.jit(lambda x: layer.apply(variables, x, mutable=["quant_stats"]))(x)
+    (ema,) = [v.ema for v in jax.tree.leaves(upd, is_leaf=lambda v: hasattr(v, "ema"))]
+  else:
+    model = jqat.nnx.QatDense(8, 4, use_bias=False, activation_config=ACT, rngs=nnx.Rngs(0))
+    model.kernel.set_value(jnp.asarray(w))
+    y = nnx.jit(lambda m, x: m(x))(model, x)
+    ema = model.dot_general.lhs_stats.get_value().ema
+  y = np.asarray(y)
+  np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
+  # The first batch sets the range to its finite values' range; the two bad values are skipped and counted.
+  finite = x[np.isfinite(x)]
+  assert float(ema.min.reshape(())) == finite.min() and float(ema.max.reshape(())) == finite.max()
+  assert int(ema.count) == finite.size and int(ema.nonfinite) == 2
+  wcfg = jqat.QatConfig(per_channel=True)
+  xqp, wqp = jqat.qparams_from_array(x, ACT), jqat.qparams_from_array(w, wcfg)
+  ref = np.asarray(jqat.fake_quant(x, xqp, ACT)) @ np.asarray(jqat.fake_quant(w, wqp, wcfg))
+  good = [0, 2, 4]
+  np.testing.assert_allclose(y[good], ref[good], rtol=1e-5, atol=1e-5)

@@ -55,19 +55,23 @@ def _quantize(x: jax.Array, scale, zero_point, config: QatConfig):
 def _kernel_sums(static: _Static, qr: jax.Array, lhs_shape) -> jax.Array | None:
   """``Σ_k q_r`` over the contraction (what an asymmetric activation's zero point multiplies), or None.
 
-  Summed in float32 from the int8 values: XLA reduces them with the
-  conversion fused, where an int32 sum would first write an int32 copy of
-  the kernel. Every partial sum is an integer of magnitude below
-  ``K * max|q|``, exact in float32 while that stays below ``2^24``. None (the
-  sums are then taken in int32 by ``int_kernels.accumulate``) for a
-  symmetric activation, an asymmetric kernel, or a contraction too long.
+  Summed in float32 from the int8 values, which XLA reads with the
+  conversion fused into the reduction; every partial sum is an integer of
+  magnitude below ``K * max|q|``, exact in float32 while that stays below
+  ``2^24``. The values pass through bfloat16 (exact for them): a direct
+  float32 conversion is the same operation as the backward's dequantize,
+  and sharing it made XLA write a float32 copy of the kernel (four bytes per
+  weight) for the sum to read; an int32 sum writes an int32 copy. None (the
+  sums are then taken by ``int_kernels.accumulate``) for a symmetric
+  activation, an asymmetric kernel, or a contraction too long.
   """
   lcfg, rcfg = static.lhs_config, static.rhs_config
   (lc, rc), _ = static.dims
   k = math.prod(lhs_shape[a] for a in lc)
   if lcfg.symmetric or not rcfg.symmetric or k * max(-rcfg.qmin, rcfg.qmax) >= 2**24:
     return None
-  return jnp.sum(qr.astype(jnp.float32), axis=rc, keepdims=True).astype(jnp.int32)
+  values = qr.astype(jnp.bfloat16)
+  return jnp.sum(values, axis=rc, keepdims=True, dtype=jnp.float32).astype(jnp.int32)
 
 
 def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:

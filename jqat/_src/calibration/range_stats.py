@@ -116,17 +116,25 @@ def _blocks(x: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, tuple[int,
   return x.reshape(split), tuple(range(1, 2 * len(shape), 2))
 
 
-def finite_range(x: ArrayLike, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+def finite_range(
+  x: ArrayLike, shape: tuple[int, ...], plain: tuple[jax.Array, jax.Array] | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(min, max) of the finite values of ``x`` per block of ``shape``, and the number of non-finite values.
 
-  A block with no finite value gets ``(+inf, -inf)``.
+  A block with no finite value gets ``(+inf, -inf)``. ``plain``: the plain
+  (NaN-propagating) ``jnp.min`` and ``jnp.max`` of each block when the caller
+  has them already (from a finer reduction it needs anyway), in the layout of
+  ``shape``; they replace the first reduction.
   """
   x = jnp.asarray(x)
   check_nonempty(x)
   x = x.astype(jnp.float32)
   xb, axes = _blocks(x, shape)
-  lo = jnp.min(xb, axis=axes).reshape(shape)
-  hi = jnp.max(xb, axis=axes).reshape(shape)
+  if plain is None:
+    lo = jnp.min(xb, axis=axes).reshape(shape)
+    hi = jnp.max(xb, axis=axes).reshape(shape)
+  else:
+    lo, hi = (jnp.asarray(a, jnp.float32).reshape(shape) for a in plain)
 
   # min and max propagate NaN and hit ±Inf, so finite results prove the whole
   # batch finite; only then is the masked second pass skipped (it costs ~3x
@@ -162,8 +170,15 @@ def range_update(state: RangeState, x: ArrayLike) -> RangeState:
 @jax.jit
 def moving_average_update(state: MovingAverageState, x: ArrayLike) -> MovingAverageState:
   """One EMA step with the finite min and max of ``x``."""
+  return moving_average_step(state, x)
+
+
+def moving_average_step(
+  state: MovingAverageState, x: ArrayLike, plain: tuple[jax.Array, jax.Array] | None = None
+) -> MovingAverageState:
+  """``moving_average_update`` (not jitted), given ``finite_range``'s ``plain`` block min and max when known."""
   x = jnp.asarray(x)
-  lo, hi, bad = finite_range(x, state.min.shape)
+  lo, hi, bad = finite_range(x, state.min.shape, plain)
   m = state.momentum
   seen = lo <= hi  # the block held a finite value
   unset = state.min > state.max  # nothing averaged yet

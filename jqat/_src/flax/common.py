@@ -157,18 +157,25 @@ def freeze_activation_stats(stats: ActivationStats, qp: QParams) -> ActivationSt
 
 
 def activation_qparams(
-  x: jax.Array, stats: ActivationStats | None, config: QatConfig, *, update: bool
-) -> tuple[QParams, ActivationStats | None]:
-  """QParams for an activation, and the statistics after seeing ``x``.
+  x: jax.Array, stats: ActivationStats | None, config: QatConfig, *, update: bool, contracting=None
+) -> tuple[QParams, ActivationStats | None, jax.Array | None]:
+  """QParams for an activation, the statistics after seeing ``x``, and its rows' non-finite mark (or None).
 
   Frozen ranges win; else the moving average (including this batch when
   ``update``); before any statistics exist, the batch's own range, so a fresh
   model gives its float output plus quantization noise.
   Per-token (per-channel) activation configs are always dynamic.
+
+  ``contracting``: the axes a dot contracts ``x`` over. When the moving
+  average sees the batch, its range is then reduced per row first (the
+  plain ``min`` and ``max`` over ``contracting``, then over the rows: the
+  same range), and the third result is 0 or NaN per row (NaN: the row
+  holds a NaN or ±Inf), the mark the QAT dot puts on those rows' outputs,
+  so the dot needs no pass of its own over ``x``. None otherwise.
   """
   x = lax.stop_gradient(x)
   if stats is None or config.per_channel or config.group_size is not None:
-    return qparams_lib.qparams_from_array(x, config), stats
+    return qparams_lib.qparams_from_array(x, config), stats, None
   shape = qparams_lib.params_shape(x.shape, config)
   ema = stats.ema
 
@@ -179,12 +186,22 @@ def activation_qparams(
     return scale.reshape(shape), zp.reshape(shape)
 
   if update:
-    new_ema = calibration.update_stats(ema, x)
+    mark = plain = None
+    if contracting is not None and x.size:
+      axes = tuple(contracting)
+      row_lo = jnp.min(x, axis=axes, keepdims=True).astype(jnp.float32)
+      row_hi = jnp.max(x, axis=axes, keepdims=True).astype(jnp.float32)
+      # min and max propagate NaN and reach ±Inf: 0, or NaN for a row that is not finite.
+      mark = (row_lo - row_lo) + (row_hi - row_hi)
+      # The barrier keeps XLA from folding the two stages back into a second pass over x.
+      row_lo, row_hi = lax.optimization_barrier((row_lo, row_hi))
+      plain = jnp.min(row_lo), jnp.max(row_hi)
+    new_ema = range_stats.moving_average_step(ema, x, plain)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
     # The average has seen this batch: before any statistics its range is
     # exactly the batch's own (finite) range, so the batch's parameters need
     # no second reduction of x.
-    return QParams(*from_stats(ema)), stats._replace(ema=ema)
+    return QParams(*from_stats(ema)), stats._replace(ema=ema), mark
 
   def from_batch(_):
     qp = qparams_lib.qparams_from_array(x, config)
@@ -192,7 +209,7 @@ def activation_qparams(
 
   # Only a model that has seen no batch yet reads the batch's range.
   seen = stats.frozen | (ema.count > 0)
-  return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats
+  return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats, None
 
 
 def dynamic_activation_qparams(x: jax.Array, config: QatConfig, contracting) -> tuple[QParams, jax.Array | None]:

@@ -210,7 +210,7 @@ class _QuantOperands:
     return self._lhs_qparams_and_mark(x, config, contracting)[0]
 
   def _lhs_qparams_and_mark(self, x, config: QatConfig, contracting=None) -> tuple[QParams, jax.Array | None]:
-    """The activation's QParams, and its rows' non-finite mark when its range gives it (per token), else None."""
+    """The activation's QParams, and its rows' non-finite mark when its range reduction gives it, else None."""
     if common.uses_lsq(config):
       init = qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
       scale = self.param("lhs_scale", lambda _: init.scale)
@@ -225,10 +225,10 @@ class _QuantOperands:
       return common.activation_qparams(x, None, config, update=False)[0], None
     stats = self.variable(STATS, "lhs", common.init_activation_stats, config, self.momentum)
     update = self.is_mutable_collection(STATS) and not self.is_initializing()
-    qp, new = common.activation_qparams(x, stats.value, config, update=update)
+    qp, new, mark = common.activation_qparams(x, stats.value, config, update=update, contracting=contracting)
     if update:
       stats.value = new
-    return qp, None
+    return qp, mark
 
   def _write_serving(self, rhs, rhs_qp, contracting, lhs_cfg, rhs_cfg, where):
     """Stores the quantized kernel and the activation's frozen range in the ``serving`` collection.

@@ -264,7 +264,7 @@ class _Quantizer(nnx.Module):
     return self._lhs_qparams_and_mark(x, config)[0]
 
   def _lhs_qparams_and_mark(self, x, config: QatConfig, contracting=None) -> tuple[QParams, jax.Array | None]:
-    """The activation's QParams, and its rows' non-finite mark when its range gives it (per token), else None."""
+    """The activation's QParams, and its rows' non-finite mark when its range reduction gives it, else None."""
     shape = qparams_lib.params_shape(jnp.shape(x), config)
     if common.uses_lsq(config):
       batch = qparams_lib.qparams_from_array(lax.stop_gradient(x), config)
@@ -285,10 +285,10 @@ class _Quantizer(nnx.Module):
       return common.dynamic_activation_qparams(x, config, contracting)
     stats = self.lhs_stats.get_value() if self.lhs_stats is not None else None
     update = stats is not None and not self.use_running_average
-    qp, new = common.activation_qparams(x, stats, config, update=update)
+    qp, new, mark = common.activation_qparams(x, stats, config, update=update, contracting=contracting)
     if update:
       self.lhs_stats.set_value(new)
-    return qp, None
+    return qp, mark
 
   def _rhs_qparams(self, w, config: QatConfig) -> QParams:
     if common.uses_lsq(config):
