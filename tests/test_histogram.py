@@ -170,3 +170,19 @@ def test_long_runs_across_scatter_chunks_equal_floor_reference():
     state = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=n), x)
     _check_floor(state, [x], n)
     assert int(state.counts[0]) >= hist_lib.SCATTER_CHUNK + 500
+
+
+_CHUNK = hist_lib.SCATTER_CHUNK
+
+
+@pytest.mark.parametrize("size,shapes", [(6000, [(60, 100), (4, 15, 100)]), (2 * _CHUNK + 10, [(2, _CHUNK + 5)])])
+def test_any_shape_gives_the_flat_counts(size, shapes):
+  # The range and a one-chunk batch read x in its own shape; the state must not depend on it.
+  (x,) = _batches(5, (size,), (1.5,), 997)
+  x[100:400] = 0.0
+  flat = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=4096), x)
+  _check_floor(flat, [x], 4096)
+  for shape in shapes:
+    s = _update(jqat.init_stats((), jqat.QatConfig(), "entropy", num_bins=4096), x.reshape(shape))
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(flat)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
