@@ -118,10 +118,17 @@ def _coarsen(counts: jax.Array, k: jax.Array) -> jax.Array:
   return jax.ops.segment_sum(counts, idx, num_segments=n, indices_are_sorted=True)
 
 
-def _widen(counts: jax.Array, k: jax.Array) -> jax.Array:
-  """``_coarsen`` when the range grows (``k > 0``); the counts themselves otherwise, as after the first batch."""
+def _widen(counts: jax.Array, k: jax.Array, extra: int = 0) -> jax.Array:
+  """``_coarsen`` when the range grows (``k > 0``); the counts themselves otherwise, as after the first batch.
+
+  ``extra`` zero slots are appended, in the same pass.
+  """
+
+  def pad(c):
+    return jnp.concatenate([c, jnp.zeros((extra,), c.dtype)]) if extra else c
+
   # ``+ zeros_like(k)``: inside shard_map both branches must vary over the same mesh axes as ``k``.
-  return lax.cond(k > 0, _coarsen, lambda c, k: c + jnp.zeros_like(k), counts, k)
+  return lax.cond(k > 0, lambda c, k: pad(_coarsen(c, k)), lambda c, k: pad(c) + jnp.zeros_like(k), counts, k)
 
 
 def _finite_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -177,7 +184,6 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   log2n = _log2_bins(n)
   amax = jnp.where(lo <= hi, jnp.maximum(-lo, hi), 0.0)
   e = jnp.maximum(state.exponent, _exponent_of(amax))
-  counts = _widen(state.counts, e - state.exponent)
   # |x| * 2^(log2n - e) is exact, so each value's bin is the same whatever the batch; a finite value is below
   # 2^e, so its index is below n. The scatter runs on n + SPREAD + 1 slots: a value of bin 1 to n - 1 goes to
   # its bin, one of bin 0 (zeros included) to the spare slot n + (position mod SPREAD), and NaN and ±Inf
@@ -207,7 +213,7 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
 
-  acc = jnp.concatenate([counts, jnp.zeros((SPREAD + 1,), jnp.int32)])
+  acc = _widen(state.counts, e - state.exponent, SPREAD + 1)
   if main > SCATTER_CHUNK:
     flat = x.reshape(-1)
     acc, _ = lax.scan(lambda c, xi: (add(c, xi, spare), None), acc, flat[:main].reshape(-1, SCATTER_CHUNK))
