@@ -8,7 +8,13 @@ of each), and the calibration forward of Flax models (``model.apply(..., mutable
 layer computing in float and observing its input into a histogram) against the float model's forward, alternating
 likewise.
 
-Run: ``python benchmarks/bench_calibration.py [--repeats N] [--rounds R] [--only observe,forward]``.
+``observe`` runs on two batches: Laplace values, and ReLU outputs (half of them exact zeros, the input of every
+layer after a ReLU). ``alternatives``: other ways to count the same 1M bin indices (65536 bins), each checked equal to
+``observe``'s counts and timed against the same ``jnp.max(jnp.abs(x))``: a one-hot matmul per chunk (the index split
+into high and low bytes, bf16 one-hots, float32 accumulation: exact below 2^24 per chunk), ``jnp.bincount``, and a
+sort followed by ``searchsorted`` of the bin edges.
+
+Run: ``python benchmarks/bench_calibration.py [--repeats N] [--rounds R] [--only observe,forward,alternatives]``.
 """
 
 from __future__ import annotations
@@ -116,7 +122,9 @@ def interleaved(fns: dict, rounds: int, reps: int) -> dict:
 
 def bench_observe(rounds: int, reps: int = 20) -> dict:
   """``update_stats`` on one batch of 1M against a bare jitted ``jnp.max(jnp.abs(x))``, interleaved."""
-  x = jnp.asarray(np.random.default_rng(0).laplace(size=BATCH).astype(np.float32))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.laplace(size=BATCH).astype(np.float32))
+  relu = jnp.asarray(np.maximum(rng.normal(size=BATCH), 0).astype(np.float32))
   cfg = jqat.QatConfig()
   update = jax.jit(jqat.update_stats)
   maxabs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
@@ -124,8 +132,58 @@ def bench_observe(rounds: int, reps: int = 20) -> dict:
   for method in ("minmax", "moving_average", "entropy"):
     s = update(jqat.init_stats((BATCH,), cfg, method), x)  # a state that has seen a batch, as after the first
     fns[method] = lambda s=s: update(s, x)
+  s = update(jqat.init_stats((BATCH,), cfg, "entropy"), relu)
+  fns["entropy, relu"] = lambda s=s: update(s, relu)
   best = interleaved(fns, rounds, reps)
   print(f"\nobserve one batch of {BATCH} vs a bare jitted jnp.max(jnp.abs(x)), best median seconds of {rounds} rounds")
+  print("(Laplace values; 'entropy, relu': ReLU outputs, half exact zeros)")
+  for k, t in best.items():
+    print(f"{k:<16}{t:>10.5f}{t / best['jnp.max(abs)']:>9.2f}x")
+  return best
+
+
+def bench_alternatives(rounds: int, reps: int = 5) -> dict:
+  """Other ways to count the bin indices of one batch, against ``observe`` and ``jnp.max(jnp.abs(x))``."""
+  x = jnp.asarray(np.random.default_rng(0).laplace(size=BATCH).astype(np.float32))
+  state = jqat.init_stats((BATCH,), jqat.QatConfig(), "entropy")
+  n = state.counts.shape[0]
+  update = jax.jit(jqat.update_stats)
+  want = np.asarray(update(state, x).counts)
+  e = int(update(state, x).exponent)
+
+  def bins(x):  # the same bin indices as observe: floor(|x| * 2^(log2 n - e)), exact
+    return (jnp.abs(x) * np.float32(2.0 ** (n.bit_length() - 1 - e))).astype(jnp.int32)
+
+  @jax.jit
+  def onehot(x, chunk=4096):
+    def step(acc, xi):
+      i = bins(xi)
+      hi = jax.nn.one_hot(i >> 8, 256, dtype=jnp.bfloat16)
+      lo = jax.nn.one_hot(i & 255, 256, dtype=jnp.bfloat16)
+      return acc + jnp.dot(hi.T, lo, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((256, 256), jnp.float32), x.reshape(-1, chunk))
+    return acc.reshape(-1).astype(jnp.int32)
+
+  bincount = jax.jit(lambda x: jnp.bincount(bins(x), length=n))
+
+  @jax.jit
+  def sort_search(x):
+    edges = jnp.searchsorted(jnp.sort(bins(x)), jnp.arange(n + 1, dtype=jnp.int32))
+    return jnp.diff(edges)
+
+  maxabs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
+  fns = {
+    "jnp.max(abs)": lambda: maxabs(x),
+    "observe": lambda: update(state, x),
+    "one-hot matmul": lambda: onehot(x),
+    "jnp.bincount": lambda: bincount(x),
+    "sort+search": lambda: sort_search(x),
+  }
+  for name in ("one-hot matmul", "jnp.bincount", "sort+search"):
+    np.testing.assert_array_equal(np.asarray(fns[name]()), want, err_msg=name)
+  best = interleaved(fns, rounds, reps)
+  print(f"\ncounting {BATCH} bin indices ({n} bins), best median seconds of {rounds} rounds (ratio to jnp.max(abs))")
   for k, t in best.items():
     print(f"{k:<16}{t:>10.5f}{t / best['jnp.max(abs)']:>9.2f}x")
   return best
@@ -202,7 +260,7 @@ def bench_methods(repeats: int) -> None:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the observe and forward sections")
+  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the timed comparisons")
   parser.add_argument("--only", type=str, default="methods,observe,forward", help="comma-separated sections")
   args = parser.parse_args()
   sections = set(args.only.split(","))
@@ -213,6 +271,8 @@ def main():
     bench_observe(args.rounds)
   if "forward" in sections:
     bench_forward(args.rounds)
+  if "alternatives" in sections:
+    bench_alternatives(args.rounds)
 
 
 if __name__ == "__main__":
