@@ -187,6 +187,21 @@ def test_quantize_writes_no_float_copy_of_its_input():
 TOKEN = jqat.QatConfig(per_channel=True)  # dynamic per-token activation ranges
 
 
+def _big_bad_lhs():
+  """Rows long enough for XLA:CPU's vectorized reductions (which do not propagate NaN); NaN / Inf also last in a row."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((64, 256)).astype(np.float32)
+  w = (rng.standard_normal((256, 4)) * 0.1).astype(np.float32)
+  x[1, 3] = np.nan
+  x[3, 255] = np.inf
+  x[7, 255] = np.nan
+  x[9, 0] = -np.inf
+  return x, w
+
+
+BAD_ROWS = [1, 3, 7, 9]
+
+
 def _per_token_layer(api, w):
   """A per-token QAT dense layer with kernel ``w``, in linen or NNX, as ``x -> y``."""
   import functools
@@ -197,14 +212,14 @@ def _per_token_layer(api, w):
   if api == "linen":
     layer = nn.Dense(4, use_bias=False, dot_general_cls=functools.partial(jqat.linen.QatDotGeneral, lhs_config=TOKEN))
     return lambda x: layer.apply({"params": {"kernel": w}, "quant_stats": {}}, x, mutable=["quant_stats"])[0]
-  layer = jqat.nnx.QatDense(8, 4, use_bias=False, activation_config=TOKEN, rngs=nnx.Rngs(0))
+  layer = jqat.nnx.QatDense(w.shape[0], 4, use_bias=False, activation_config=TOKEN, rngs=nnx.Rngs(0))
   layer.kernel.set_value(jnp.asarray(w))
   return nnx.jit(lambda layer, x: layer(x)).__get__(layer)
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_per_token_layer_marks_exactly_the_rows_that_meet_nan_or_inf(api):
-  x, w = _bad_lhs()
+  x, w = _big_bad_lhs()
   fn = jax.jit(_per_token_layer(api, w)) if api == "linen" else _per_token_layer(api, w)
   y = np.asarray(fn(x))
   np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
@@ -213,11 +228,11 @@ def test_per_token_layer_marks_exactly_the_rows_that_meet_nan_or_inf(api):
   wcfg = jqat.QatConfig(per_channel=True)
   xqp, wqp = jqat.qparams_from_array(x, xcfg), jqat.qparams_from_array(w, wcfg)
   ref = np.asarray(jqat.fake_quant(x, xqp, xcfg)) @ np.asarray(jqat.fake_quant(w, wqp, wcfg))
-  good = [0, 2, 4]
+  good = [i for i in range(len(x)) if i not in BAD_ROWS]
   np.testing.assert_allclose(y[good], ref[good], rtol=1e-5, atol=1e-5)
   # A row's outputs do not depend on the other rows (per-token ranges): the clean input gives the same rows.
   clean = x.copy()
-  clean[1], clean[3] = 0.5, -0.5
+  clean[BAD_ROWS] = 0.5
   np.testing.assert_array_equal(np.asarray(fn(clean))[good], y[good])
 
 
@@ -228,7 +243,7 @@ def test_moving_average_layer_marks_the_rows_that_meet_nan_and_skips_them_in_its
   import flax.linen as nn
   from flax import nnx
 
-  x, w = _bad_lhs()
+  x, w = _big_bad_lhs()
   if api == "linen":
     layer = nn.Dense(4, use_bias=False, dot_general_cls=functools.partial(jqat.linen.QatDotGeneral, lhs_config=ACT))
     stats = layer.init(jax.random.key(0), x)["quant_stats"]
@@ -236,18 +251,74 @@ def test_moving_average_layer_marks_the_rows_that_meet_nan_and_skips_them_in_its
     y, upd = jax.jit(lambda x: layer.apply(variables, x, mutable=["quant_stats"]))(x)
     (ema,) = [v.ema for v in jax.tree.leaves(upd, is_leaf=lambda v: hasattr(v, "ema"))]
   else:
-    model = jqat.nnx.QatDense(8, 4, use_bias=False, activation_config=ACT, rngs=nnx.Rngs(0))
+    model = jqat.nnx.QatDense(w.shape[0], 4, use_bias=False, activation_config=ACT, rngs=nnx.Rngs(0))
     model.kernel.set_value(jnp.asarray(w))
     y = nnx.jit(lambda m, x: m(x))(model, x)
     ema = model.dot_general.lhs_stats.get_value().ema
   y = np.asarray(y)
   np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
-  # The first batch sets the range to its finite values' range; the two bad values are skipped and counted.
+  # The first batch sets the range to its finite values' range; the four bad values are skipped and counted.
   finite = x[np.isfinite(x)]
   assert float(ema.min.reshape(())) == finite.min() and float(ema.max.reshape(())) == finite.max()
-  assert int(ema.count) == finite.size and int(ema.nonfinite) == 2
+  assert int(ema.count) == finite.size and int(ema.nonfinite) == 4
   wcfg = jqat.QatConfig(per_channel=True)
   xqp, wqp = jqat.qparams_from_array(x, ACT), jqat.qparams_from_array(w, wcfg)
   ref = np.asarray(jqat.fake_quant(x, xqp, ACT)) @ np.asarray(jqat.fake_quant(w, wqp, wcfg))
-  good = [0, 2, 4]
+  good = [i for i in range(len(x)) if i not in BAD_ROWS]
   np.testing.assert_allclose(y[good], ref[good], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [64, 4096, 65536])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_plain_range_is_exact_for_finite_blocks_and_marks_the_others(n, where):
+  from jqat._src import qparams
+
+  x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
+  pos = {"first": 0, "middle": n // 2, "last": n - 1}[where]
+  x[1, pos] = np.nan
+  x[2, pos] = np.inf
+  lo, hi, mark = (np.asarray(r) for r in jax.jit(lambda v: qparams.plain_range(v, axis=1))(x))
+  amax, amark = (np.asarray(r) for r in jax.jit(lambda v: qparams.plain_amax(v, axis=1))(x))
+  assert (lo[0], hi[0], amax[0]) == (x[0].min(), x[0].max(), np.abs(x[0]).max())
+  # The marks, not the (XLA:CPU: NaN-dropping) min and max, say which blocks are not finite.
+  assert mark[0] == 0 and amark[0] == 0 and np.isnan(mark[1:]).all() and np.isnan(amark[1:]).all()
+
+
+@pytest.mark.parametrize("method", ["minmax", "moving_average"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_range_statistics_skip_and_count_nan_in_large_batches(method, per_channel):
+  # Vectorized min / max reductions of XLA:CPU drop a NaN (or restart a lane after it): the statistics must not.
+  x = np.random.default_rng(2).standard_normal((512, 256)).astype(np.float32)
+  x[511, 255] = np.nan
+  x[0, 7] = np.nan  # NaN alone: with an Inf in the batch, the masked pass would run anyway
+  cfg = jqat.QatConfig(per_channel=per_channel)
+  state = jax.jit(jqat.update_stats)(jqat.init_stats(x.shape, cfg, method), x)
+  masked = np.where(np.isfinite(x), x, np.nan)
+  axis = 0 if per_channel else None
+  np.testing.assert_array_equal(np.asarray(state.min).reshape(-1), np.atleast_1d(np.nanmin(masked, axis=axis)))
+  np.testing.assert_array_equal(np.asarray(state.max).reshape(-1), np.atleast_1d(np.nanmax(masked, axis=axis)))
+  assert int(state.nonfinite) == 2 and int(state.count) == x.size - 2
+
+
+def test_qat_kernel_columns_that_hold_nan_are_marked_in_large_layers():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((32, 512)).astype(np.float32)
+  w = (rng.standard_normal((512, 64)) * 0.05).astype(np.float32)
+  w[511, 5] = np.nan
+  w[0, 9] = np.nan
+  w[200, 63] = np.nan
+  layer = jqat.linen.QatDense(64, use_bias=False)
+  stats = layer.init(jax.random.key(0), x)["quant_stats"]
+  y, _ = jax.jit(lambda x, w: layer.apply({"params": {"kernel": w}, "quant_stats": stats}, x, mutable=True))(x, w)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(y)), np.isfinite(x @ w))
+  assert np.isfinite(np.asarray(y)).sum() == 32 * 61
+
+
+def test_kv_quantize_marks_vectors_that_hold_nan():
+  from jqat._src import kv_cache
+
+  x = np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32)
+  x[2, 255] = np.nan
+  x[5, 0] = np.nan
+  values, scale = jax.jit(lambda v: kv_cache.kv_quantize(v, kv_cache.KVCacheConfig()))(x)
+  assert np.isnan(np.asarray(scale, np.float32).reshape(-1)).tolist() == [i in (2, 5) for i in range(8)]

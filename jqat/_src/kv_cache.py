@@ -28,7 +28,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jqat._src.config import QatConfig
 from jqat._src.formats import QuantBits
-from jqat._src.qparams import MIN_SCALE
+from jqat._src.qparams import MIN_SCALE, plain_amax
 from jqat._src.qtensor import pack_int4, unpack_int4
 
 _BITS = {"int8": QuantBits.INT8, "int4": QuantBits.INT4, "fp8_e4m3": QuantBits.FP8_E4M3, "fp8": QuantBits.FP8_E4M3}
@@ -127,10 +127,10 @@ def kv_quantize(x: ArrayLike, config: KVCacheConfig) -> tuple[jax.Array, jax.Arr
   qmax = float(config.quant_config.qmax)
   # The arithmetic of qparams_from_array + quantize for a symmetric per-vector scale, written for the one
   # reduction it needs: each decoding step runs it twice per layer, and a step is bound by its op count.
-  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # NaN propagates
+  amax, mark = plain_amax(x, axis=-1, keepdims=True)  # mark: NaN for a vector that holds a NaN or ±Inf
   scale = jnp.maximum(amax * (1 / qmax), MIN_SCALE)
   # Rounded to its storage dtype first: the values are quantized with exactly the stored scale.
-  scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan).astype(config.scale_dtype)
+  scale = jnp.where(jnp.isfinite(mark), scale, jnp.nan).astype(config.scale_dtype)
   u = x * (1 / scale.astype(jnp.float32))
   if config.bits.is_float:
     return jnp.clip(u, -qmax, qmax).astype(config.storage_dtype), scale  # clip first: the cast does not saturate

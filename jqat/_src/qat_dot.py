@@ -104,17 +104,20 @@ def _materialized(a) -> jax.Array:
   fuse that chain into every elementwise consumer (the quantize, the
   rescale, the backward's dequantize and masks) and evaluate it again for
   each element there: on CPU that cost a QAT step of an MLP 4-6 %. A
-  reduction is never fused into a consumer that broadcasts it, so ``max``
-  with ``-inf`` padding (exact for every value, NaN included) makes XLA
-  compute the parameters once. (``lax.optimization_barrier`` does not: XLA
-  removes it before fusion. A single-element array gets seven padding rows:
-  XLA turns a max of two scalars back into an elementwise op.)
+  reduction is never fused into a consumer that broadcasts it, so a sum
+  with ``-0.0`` (the exact identity of addition, NaN and signed zeros
+  included) makes XLA compute the parameters once. (Not ``max`` with
+  ``-inf``: XLA:CPU's max reduction does not propagate NaN. Nor
+  ``lax.optimization_barrier``: XLA removes it before fusion. A
+  single-element array gets seven padding rows: XLA turns a two-element
+  reduction back into an elementwise op.)
   """
   a = jnp.asarray(a)
   if not jnp.issubdtype(a.dtype, jnp.floating) or a.size == 0:
     return a
-  pad = jnp.full((7 if a.size == 1 else 1, a.size), -jnp.inf, a.dtype)
-  return jnp.max(jnp.concatenate([a.reshape(1, -1), pad]), axis=0).reshape(a.shape)
+  zero = jnp.array(-0.0, a.dtype)
+  pad = jnp.full((7 if a.size == 1 else 1, a.size), zero)
+  return lax.reduce(jnp.concatenate([a.reshape(1, -1), pad]), zero, lax.add, (0,)).reshape(a.shape)
 
 
 def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None, lhs_mark=None):

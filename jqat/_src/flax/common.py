@@ -167,11 +167,10 @@ def activation_qparams(
   Per-token (per-channel) activation configs are always dynamic.
 
   ``contracting``: the axes a dot contracts ``x`` over. When the moving
-  average sees the batch, its range is then reduced per row first (the
-  plain ``min`` and ``max`` over ``contracting``, then over the rows: the
-  same range), and the third result is 0 or NaN per row (NaN: the row
-  holds a NaN or ±Inf), the mark the QAT dot puts on those rows' outputs,
-  so the dot needs no pass of its own over ``x``. None otherwise.
+  average sees the batch, the third result is then 0 or NaN per row (NaN:
+  the row holds a NaN or ±Inf), the mark the QAT dot puts on those rows'
+  outputs; the range reads its finiteness from it, so the batch costs three
+  plain reductions (min, max, mark) in all. None otherwise.
   """
   x = lax.stop_gradient(x)
   if stats is None or config.per_channel or config.group_size is not None:
@@ -188,14 +187,12 @@ def activation_qparams(
   if update:
     mark = plain = None
     if contracting is not None and x.size:
-      axes = tuple(contracting)
-      row_lo = jnp.min(x, axis=axes, keepdims=True).astype(jnp.float32)
-      row_hi = jnp.max(x, axis=axes, keepdims=True).astype(jnp.float32)
-      # min and max propagate NaN and reach ±Inf: 0, or NaN for a row that is not finite.
-      mark = (row_lo - row_lo) + (row_hi - row_hi)
-      # The barrier keeps XLA from folding the two stages back into a second pass over x.
-      row_lo, row_hi = lax.optimization_barrier((row_lo, row_hi))
-      plain = jnp.min(row_lo), jnp.max(row_hi)
+      # The rows' mark (Σ (x - x) over the contraction: 0, or NaN for a row
+      # that is not finite) both tells the range whether the batch is finite
+      # and goes to the dot for those rows' outputs.
+      f = x.astype(jnp.float32)
+      mark = jnp.sum(f - f, axis=tuple(contracting), keepdims=True)
+      plain = jnp.min(x), jnp.max(x), mark
     new_ema = range_stats.moving_average_step(ema, x, plain)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
     # The average has seen this batch: before any statistics its range is
@@ -235,10 +232,11 @@ def own_range_qparams(
 ) -> tuple[QParams, jax.Array | None]:
   """``qparams_from_array(x, config)`` from one plain reduction, and 0 or NaN per block (NaN: the block is not finite).
 
-  One reduction (``max |x|`` for a symmetric format, min and max otherwise)
-  instead of the masked reductions of ``array_range``: NaN and ±Inf
-  propagate through ``max`` and ``min``, so finite results prove a block
-  finite, and every finite block gets the same parameters, bit for bit. The
+  Plain reductions (``max |x|`` for a symmetric format, min and max
+  otherwise, and the mark ``Σ (x - x)``: ``qparams.plain_amax`` /
+  ``plain_range``) instead of the masked reductions of ``array_range``: a
+  finite mark proves a block finite, and every finite block gets the same
+  parameters, bit for bit. The
   returned mark (parameter layout) is NaN for the blocks that are not.
 
   Those blocks: with ``marked_blocks`` (the caller makes every output of such
@@ -259,12 +257,12 @@ def own_range_qparams(
   axes = qparams_lib.reduce_axes(x.shape, config)
   shape = qparams_lib.params_shape(x.shape, config)
   if config.symmetric:
-    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True).reshape(shape)
-    lo, hi, finite = -amax, amax, jnp.isfinite(amax)
+    amax, mark = qparams_lib.plain_amax(x, axis=axes, keepdims=True)
+    lo, hi = -amax.reshape(shape), amax.reshape(shape)
   else:
-    lo = jnp.min(x, axis=axes, keepdims=True).reshape(shape)
-    hi = jnp.max(x, axis=axes, keepdims=True).reshape(shape)
-    finite = jnp.isfinite(lo) & jnp.isfinite(hi)
+    lo, hi, mark = qparams_lib.plain_range(x, axis=axes, keepdims=True)
+    lo, hi = lo.reshape(shape), hi.reshape(shape)
+  finite = jnp.isfinite(mark.reshape(shape))
   mark = jnp.where(finite, jnp.zeros((), jnp.float32), jnp.float32(jnp.nan))
   if marked_blocks:
     qp = qparams_lib.qparams_from_range(jnp.where(finite, lo, 0), jnp.where(finite, hi, 0), config)

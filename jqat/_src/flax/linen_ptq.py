@@ -161,7 +161,9 @@ def _pass(model, apply_kwargs, layers_out: dict, order: list, hessian: bool, sam
         entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       else:
         entry = stats[path]
-        lo, hi = jnp.min(x).reshape(1), jnp.max(x).reshape(1)
+        finite = jnp.isfinite(x)  # NaN and ±Inf left out (XLA:CPU's min / max would not even propagate a NaN)
+        lo = jnp.min(jnp.where(finite, x, jnp.inf)).reshape(1)
+        hi = jnp.max(jnp.where(finite, x, -jnp.inf)).reshape(1)
         entry["lo"] = jnp.minimum(entry.get("lo", lo), lo)
         entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       return lax.dot_general(

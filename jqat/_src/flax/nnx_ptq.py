@@ -120,7 +120,9 @@ def _build(graphdef, call_kwargs: Mapping, hessian: bool, sample_rows: int):
         lo = jnp.min(jnp.where(finite, rows, jnp.inf), axis=0)
         hi = jnp.max(jnp.where(finite, rows, -jnp.inf), axis=0)
       else:
-        lo, hi = jnp.min(x).reshape(1), jnp.max(x).reshape(1)
+        finite = jnp.isfinite(x)  # NaN and ±Inf left out (XLA:CPU's min / max would not even propagate a NaN)
+        lo = jnp.min(jnp.where(finite, x, jnp.inf)).reshape(1)
+        hi = jnp.max(jnp.where(finite, x, -jnp.inf)).reshape(1)
       entry["lo"] = jnp.minimum(entry.get("lo", lo), lo)
       entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       rhs = jnp.asarray(rhs).astype(x.dtype)
