@@ -12,7 +12,9 @@ is the median of ``reps`` jitted calls after warm-up; a figure is the best of
 * **QAT step**: ``loss -> grad -> optax.adam`` of the MLP and the transformer
   block of ``bench_qat_step.py``. float: ``nn.Dense``; jqat: ``QatDense`` and
   ``QatDotGeneral`` (weights int8 per channel, activations int8 per tensor,
-  asymmetric by default; "sym. act.": symmetric, injected as ``dot_general_cls``);
+  asymmetric by default; "sym. act.": symmetric; "per-token act.": symmetric
+  per-token dynamic ranges, Qwix's activation scheme; both injected as
+  ``dot_general_cls``);
   Qwix: ``qwix.quantize_model`` with a ``QtProvider`` rule for int8 weights
   and activations on every ``dot_general`` (activations: Qwix's default
   dynamic absmax scales); AQT: ``AqtDotGeneral`` with
@@ -71,7 +73,7 @@ import jqat  # noqa: E402
 
 LIBS = ("jqat", "qwix", "aqt")
 # The QAT step also times jqat with symmetric activations, the format the peers use.
-QAT_LIBS = ("float", "jqat", "jqat-sym", "qwix", "aqt")
+QAT_LIBS = ("float", "jqat", "jqat-sym", "jqat-tok", "qwix", "aqt")
 # Library -> (module to import, distribution whose version is reported).
 PEERS = {"qwix": ("qwix", "qwix"), "aqt": ("aqt.jax.v2.flax.aqt_flax", "aqtp")}
 MATMUL = (((1,), (0,)), ((), ()))
@@ -174,13 +176,14 @@ def qat_model(lib: str, model: nn.Module, weight_bits: int = 8):
   """``model`` (float layers) made quantization-aware by ``lib``: int8 activations, int``weight_bits`` weights.
 
   ``"jqat"`` uses jqat's default activation format (asymmetric, per tensor),
-  ``"jqat-sym"`` symmetric per-tensor activations.
+  ``"jqat-sym"`` symmetric per-tensor activations, ``"jqat-tok"`` symmetric
+  per-token dynamic ones (the scheme of Qwix's default activation rule).
   """
   if lib == "float":
     return model
-  if lib in ("jqat", "jqat-sym"):
+  if lib in ("jqat", "jqat-sym", "jqat-tok"):
     wcfg = jqat.QatConfig(bits=f"int{weight_bits}", per_channel=True)
-    acfg = jqat.QatConfig(symmetric=lib == "jqat-sym")
+    acfg = jqat.QatConfig(symmetric=lib != "jqat", per_channel=lib == "jqat-tok")
     return WithDotGeneral(model, functools.partial(jqat.linen.QatDotGeneral, lhs_config=acfg, rhs_config=wcfg))
   if lib == "qwix":
     import qwix
@@ -535,8 +538,8 @@ def markdown(results: dict) -> str:
     lines += [
       "**QAT train step** (ms, ratio to float; median of jitted calls, best of rounds)",
       "",
-      "| model | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
-      "|---|---:|---:|---:|---:|---:|",
+      "| model | float | jqat int8 | jqat int8, sym. act. | jqat int8, per-token act. | Qwix int8 | AQT int8 |",
+      "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += _qat_lib_rows(results["qat_step"], 1, ".1f")
     lines.append("")
@@ -545,8 +548,8 @@ def markdown(results: dict) -> str:
       "**QAT step compile time** (`jax.jit(step).lower(...).compile()`, tracing included; s, ratio to float; "
       "best of rounds)",
       "",
-      "| compiled step | float | jqat int8 | jqat int8, sym. act. | Qwix int8 | AQT int8 |",
-      "|---|---:|---:|---:|---:|---:|",
+      "| compiled step | float | jqat int8 | jqat int8, sym. act. | jqat int8, per-token act. | Qwix int8 | AQT int8 |",
+      "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += _qat_lib_rows(results["compile"], 1e3, ".2f")
     lines.append("")

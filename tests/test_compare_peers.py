@@ -140,7 +140,7 @@ def test_compile_section_times_each_step_against_float(cp, monkeypatch):
   settings = cp.Settings(reps=1, rounds=1, models=(), shapes=(), float_steps=0, qat_steps=0, accuracy_bits=(),
                          compile_models=("small",))  # fmt: skip
   row = cp.bench_compile(settings, JQAT_ONLY)["small"]
-  assert row["jqat-sym"] == row["qwix"] == row["aqt"] == cp.SKIPPED
+  assert row["jqat-sym"] == row["jqat-tok"] == row["qwix"] == row["aqt"] == cp.SKIPPED
   assert row["float"]["ratio"] == 1.0 and row["jqat"]["ms"] > 0
   assert row["jqat"]["ratio"] == pytest.approx(row["jqat"]["ms"] / row["float"]["ms"], rel=1e-12)
 
@@ -175,8 +175,10 @@ def test_markdown_tables_show_the_results_they_are_given(cp):
     "meta": {"processor": "x86_64", "cpu_count": 2, "backend": "cpu", "jax": jax.__version__,
              "versions": JQAT_ONLY, "command": "python benchmarks/compare_peers.py --quick", "wall_s": 12.0},
     "qat_step": {"mlp": {"float": {"ms": 10.0, "ratio": 1.0}, "jqat": {"ms": 9.0, "ratio": 0.9},
-                         "jqat-sym": {"ms": 8.5, "ratio": 0.85}, "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
-    "compile": {"block12": cp.ratio_row({"float": 2000.0, "jqat": 2500.0, "jqat-sym": 2400.0}, "float")
+                         "jqat-sym": {"ms": 8.5, "ratio": 0.85}, "jqat-tok": {"ms": 8.0, "ratio": 0.8},
+                         "qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
+    "compile": {"block12": cp.ratio_row({"float": 2000.0, "jqat": 2500.0, "jqat-sym": 2400.0, "jqat-tok": 2300.0},
+                                        "float")
                 | {"qwix": cp.SKIPPED, "aqt": cp.SKIPPED}},
     "serving": {"8x16x16": cp.ratio_row({"float32": 1.0, "jqat w8a8": 0.5}, "float32") | {"qwix w8a8": cp.SKIPPED}},
     "quant_error": {"int8": {"tensor": {"jqat": 0.01, "qwix": 0.02, "aqt": cp.SKIPPED}}},
