@@ -169,8 +169,8 @@ def activation_qparams(
   ``contracting``: the axes a dot contracts ``x`` over. When the moving
   average sees the batch, the third result is then 0 or NaN per row (NaN:
   the row holds a NaN or ±Inf), the mark the QAT dot puts on those rows'
-  outputs; the range reads its finiteness from it, so the batch costs three
-  plain reductions (min, max, mark) in all. None otherwise.
+  outputs; the range reads its finiteness from it, and the batch costs one
+  pass (``qparams.plain_range`` per row). None otherwise.
   """
   x = lax.stop_gradient(x)
   if stats is None or config.per_channel or config.group_size is not None:
@@ -187,12 +187,11 @@ def activation_qparams(
   if update:
     mark = plain = None
     if contracting is not None and x.size:
-      # The rows' mark (Σ (x - x) over the contraction: 0, or NaN for a row
-      # that is not finite) both tells the range whether the batch is finite
-      # and goes to the dot for those rows' outputs.
-      f = x.astype(jnp.float32)
-      mark = jnp.sum(f - f, axis=tuple(contracting), keepdims=True)
-      plain = jnp.min(x), jnp.max(x), mark
+      # Per row first (one pass: see plain_range): the rows' mark (0, or NaN
+      # for a row that holds a NaN or ±Inf) both tells the range whether the
+      # batch is finite and goes to the dot for those rows' outputs.
+      row_lo, row_hi, mark = qparams_lib.plain_range(x, axis=tuple(contracting), keepdims=True)
+      plain = jnp.min(row_lo), jnp.max(row_hi), mark
     new_ema = range_stats.moving_average_step(ema, x, plain)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
     # The average has seen this batch: before any statistics its range is
