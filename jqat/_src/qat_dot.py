@@ -96,8 +96,8 @@ def _integer_forward(static: _Static, ql, ls, lz, qr, rs, rz, rhs_sums=None):
   return int_kernels.rescale(acc, scale, plan).astype(static.out_dtype)
 
 
-def _materialized(a) -> jax.Array:
-  """``a``, as the result of a small kernel of its own: the same values, computed once.
+def _materialized(scale, zero_point, *, with_zero_point: bool) -> tuple[jax.Array, jax.Array]:
+  """``(scale, zero_point)``, as the results of one small kernel of their own: the same values, computed once.
 
   The quantization parameters are a few scalars or one value per channel,
   computed from the ranges by a chain of cheap elementwise ops. XLA would
@@ -105,28 +105,38 @@ def _materialized(a) -> jax.Array:
   rescale, the backward's dequantize and masks) and evaluate it again for
   each element there: on CPU that cost a QAT step of an MLP 4-6 %. A
   reduction is never fused into a consumer that broadcasts it, so a sum
-  with ``-0.0`` (the exact identity of addition, NaN and signed zeros
-  included) makes XLA compute the parameters once. (Not ``max`` with
+  with ``-0.0`` padding (exact for every value, NaN included; a zero
+  point's ``-0.0`` may come back as ``+0.0``, which quantizes alike) makes
+  XLA compute the parameters once. (Not ``max`` with
   ``-inf``: XLA:CPU's max reduction does not propagate NaN. Nor
   ``lax.optimization_barrier``: XLA removes it before fusion. A
-  single-element array gets seven padding rows: XLA turns a two-element
-  reduction back into an elementwise op.)
+  single-element scale and zero point get seven padding rows: XLA turns a
+  two-element reduction back into an elementwise op.) Without
+  ``with_zero_point`` (a symmetric config: its zero point is a constant 0)
+  the zero point is returned as it is.
   """
-  a = jnp.asarray(a)
-  if not jnp.issubdtype(a.dtype, jnp.floating) or a.size == 0:
-    return a
-  zero = jnp.array(-0.0, a.dtype)
-  pad = jnp.full((7 if a.size == 1 else 1, a.size), zero)
-  return lax.reduce(jnp.concatenate([a.reshape(1, -1), pad]), zero, lax.add, (0,)).reshape(a.shape)
+  parts = [jnp.asarray(scale)] + ([jnp.asarray(zero_point)] if with_zero_point else [])
+  dtype = jnp.result_type(*parts)
+  if not jnp.issubdtype(dtype, jnp.floating) or any(p.size == 0 for p in parts):
+    return scale, zero_point
+  flat = jnp.concatenate([p.astype(dtype).reshape(-1) for p in parts])
+  zero = jnp.array(-0.0, dtype)
+  pad = jnp.full((7 if flat.size <= 2 else 1, flat.size), zero)
+  out = lax.reduce(jnp.concatenate([flat[None], pad]), zero, lax.add, (0,))
+  n = parts[0].size
+  scale = out[:n].reshape(parts[0].shape).astype(parts[0].dtype)
+  if with_zero_point:
+    zero_point = out[n:].reshape(parts[1].shape).astype(parts[1].dtype)
+  return scale, zero_point
 
 
 def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None, lhs_mark=None):
   """Output and residuals: the grid values (int8 / fp8) or raw operand, and the masks."""
   lcfg, rcfg = static.lhs_config, static.rhs_config
   if lcfg is not None:
-    ls, lz = _materialized(ls), _materialized(lz)
+    ls, lz = _materialized(ls, lz, with_zero_point=not lcfg.symmetric)
   if rcfg is not None:
-    rs, rz = _materialized(rs), _materialized(rz)
+    rs, rz = _materialized(rs, rz, with_zero_point=not rcfg.symmetric)
   if lcfg is not None:
     ql, ml = _quantize(lhs, ls, lz, lcfg)
   else:

@@ -191,7 +191,10 @@ def activation_qparams(
       # for a row that holds a NaN or ±Inf) both tells the range whether the
       # batch is finite and goes to the dot for those rows' outputs.
       row_lo, row_hi, mark = qparams_lib.plain_range(x, axis=tuple(contracting), keepdims=True)
-      plain = jnp.min(row_lo), jnp.max(row_hi), mark
+      # Over the rows: used only where the mark says the batch is finite.
+      top = jnp.array(jnp.inf, row_lo.dtype)
+      both = lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1]))  # noqa: E731
+      plain = *lax.reduce((row_lo, row_hi), (top, -top), both, tuple(range(x.ndim))), mark
     new_ema = range_stats.moving_average_step(ema, x, plain)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
     # The average has seen this batch: before any statistics its range is
