@@ -58,28 +58,35 @@ def _kernel_sums(static: _Static, qr: jax.Array, lhs_shape) -> jax.Array | None:
   Summed in float32 from the int8 values, which XLA reads with the
   conversion fused into the reduction; every partial sum is an integer of
   magnitude below ``K * max|q|``, exact in float32 while that stays below
-  ``2^24``. The values pass through bfloat16 (exact for them): a direct
-  float32 conversion is the same operation as the backward's dequantize,
-  and sharing it made XLA write a float32 copy of the kernel (four bytes per
-  weight) for the sum to read; an int32 sum writes an int32 copy. None (the
-  sums are then taken by ``int_kernels.accumulate``) for a symmetric
-  activation, an asymmetric kernel, or a contraction too long.
+  ``2^24``. (The backward's dequantize converts the same values another way,
+  see ``_dequantize``; an int32 sum, or one through bfloat16, runs 2-3x
+  slower on XLA:CPU.) None (the sums are then taken by
+  ``int_kernels.accumulate``) for a symmetric activation, an asymmetric
+  kernel, or a contraction too long.
   """
   lcfg, rcfg = static.lhs_config, static.rhs_config
   (lc, rc), _ = static.dims
   k = math.prod(lhs_shape[a] for a in lc)
   if lcfg.symmetric or not rcfg.symmetric or k * max(-rcfg.qmin, rcfg.qmax) >= 2**24:
     return None
-  values = qr.astype(jnp.bfloat16)
-  return jnp.sum(values, axis=rc, keepdims=True, dtype=jnp.float32).astype(jnp.int32)
+  return jnp.sum(qr.astype(jnp.float32), axis=rc, keepdims=True).astype(jnp.int32)
 
 
-def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype) -> jax.Array:
-  """``fake_quant``'s output from its grid values: the same arithmetic, bit for bit."""
+def _dequantize(q: jax.Array, scale, zero_point, config: QatConfig, dtype, *, backward: bool = False) -> jax.Array:
+  """``fake_quant``'s output from its grid values: the same arithmetic, bit for bit.
+
+  ``backward``: int8 values pass through bfloat16 (exact for them) on their
+  way to the compute dtype, so this conversion is not the one the forward's
+  column sums make (``_kernel_sums``): shared, XLA wrote a float32 copy of
+  the kernel for both instead of summing the int8 values as they are.
+  """
   cd = formats.compute_dtype(dtype)
   s = numerics.stored_scale(qparams_lib.params_to_groups(jnp.asarray(scale), q.ndim, config), config)  # as stored
   z = numerics.effective_zero_point(qparams_lib.params_to_groups(jnp.asarray(zero_point), q.ndim, config), config, cd)
-  qg = qparams_lib.to_groups(q, config).astype(cd)
+  qg = qparams_lib.to_groups(q, config)
+  if backward and jnp.issubdtype(qg.dtype, jnp.integer):
+    qg = qg.astype(jnp.bfloat16)
+  qg = qg.astype(cd)
   return qparams_lib.from_groups(numerics.dequantize_values(qg, s, z, dtype), q.shape, config)
 
 
@@ -187,8 +194,8 @@ def _qat_dot_fwd(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark, lhs_mark):
 def _qat_dot_bwd(static: _Static, res, g):
   (ql, ml, ls, lz, qr, mr, rs, rz), lproto, rproto, rhs_mark, lhs_mark = res
   lcfg, rcfg = static.lhs_config, static.rhs_config
-  a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lproto.dtype)
-  b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rproto.dtype)
+  a = ql if lcfg is None else _dequantize(ql, ls, lz, lcfg, lproto.dtype, backward=True)
+  b = qr if rcfg is None else _dequantize(qr, rs, rz, rcfg, rproto.dtype, backward=True)
   # Clipped straight-through estimator (Bengio et al. 2013): the float dot's
   # gradient at the fake-quantized operands, zeroed where an operand was clipped.
   (da,) = jax.linear_transpose(lambda t: _float_dot(static, t, b), a)(g)
