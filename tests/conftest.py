@@ -232,6 +232,12 @@ SLOW_TESTS = {
   "test_linen_lifecycle.py::test_convert_is_idempotent",
   "test_linen.py::test_lsq_scales_are_parameters_and_train",
   "test_serving.py::test_save_and_load_round_trip_keeps_integer_dtypes_and_size",
+  "test_serving.py::test_serving_hlo_has_integer_dot_with_int32_result",
+  "test_serving.py::test_serving_writes_the_output_once_after_the_int8_dot",
+  "test_linen.py::test_wrong_input_shape_names_the_layer",
+  "test_linen.py::test_param_trees_identical_to_dense",
+  "test_linen_quantize_model.py::test_every_op_kind_is_quantized_and_served_equals_qat_with_s8_dots",
+  "test_nan_propagation.py::test_qat_kernel_columns_that_hold_nan_are_marked_in_large_layers",
 }
 
 
