@@ -176,7 +176,7 @@ def moving_average_update(state: MovingAverageState, x: ArrayLike) -> MovingAver
 def moving_average_step(
   state: MovingAverageState, x: ArrayLike, plain: tuple[jax.Array, jax.Array, jax.Array] | None = None
 ) -> MovingAverageState:
-  """``moving_average_update`` (not jitted), given ``finite_range``'s ``plain`` block min and max when known."""
+  """``moving_average_update`` (not jitted), with ``finite_range``'s ``plain`` reductions when the caller has them."""
   x = jnp.asarray(x)
   lo, hi, bad = finite_range(x, state.min.shape, plain)
   m = state.momentum
