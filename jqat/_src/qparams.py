@@ -172,18 +172,9 @@ def array_range(x: ArrayLike, config: QatConfig) -> tuple[jax.Array, jax.Array]:
   xg = to_groups(x, config)
   axes = reduce_axes(x.shape, config)
   shape = params_shape(x.shape, config)
-  # The plain reductions and their mark first (plain_range); the masked ones, whose selected copies XLA:CPU
-  # writes out first (about 3x the time), only when the mark says some block is not finite.
-  lo, hi, mark = plain_range(xg, axis=axes, keepdims=True)
-
-  def masked(xg):
-    finite = jnp.isfinite(xg)
-    mlo = jnp.min(jnp.where(finite, xg, jnp.inf), axis=axes, keepdims=True)
-    mhi = jnp.max(jnp.where(finite, xg, -jnp.inf), axis=axes, keepdims=True)
-    return mlo.astype(lo.dtype), mhi.astype(hi.dtype)
-
-  lo, hi = lax.cond(jnp.all(jnp.isfinite(mark)), lambda xg: (lo, hi), masked, xg)
-  lo, hi = lo.reshape(shape), hi.reshape(shape)
+  finite = jnp.isfinite(xg)
+  lo = jnp.min(jnp.where(finite, xg, jnp.inf), axis=axes, keepdims=True).reshape(shape)
+  hi = jnp.max(jnp.where(finite, xg, -jnp.inf), axis=axes, keepdims=True).reshape(shape)
   seen = lo <= hi
   return jnp.where(seen, lo, 0).astype(x.dtype), jnp.where(seen, hi, 0).astype(x.dtype)
 
