@@ -185,10 +185,16 @@ def _reduces_minor_axes(ndim: int, axis) -> tuple[int, ...] | None:
   return axes if axes == tuple(range(ndim - len(axes), ndim)) else None
 
 
-def _min_max(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """``min`` and ``max`` over ``axes`` in one variadic reduction, which XLA emits itself (NaN propagates)."""
-  top = jnp.array(jnp.inf, x.dtype)
-  return lax.reduce((x, x), (top, -top), lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
+def min_max(lo: jax.Array, hi: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """``(min of lo, max of hi)`` over ``axes`` in one variadic reduction, which XLA emits itself (NaN propagates)."""
+  top = jnp.array(jnp.inf, lo.dtype)
+  return lax.reduce((lo, hi), (top, -top), lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
+
+
+def _sum_mark(x: jax.Array, axis, keepdims: bool) -> jax.Array:
+  """``Σ (x - x)`` over ``axis``: 0, or NaN for a block that holds a NaN or ±Inf (a sum propagates NaN)."""
+  f = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.sum(f - f, axis=axis, keepdims=keepdims)
 
 
 def plain_range(x: jax.Array, axis=None, *, keepdims: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -221,13 +227,12 @@ def plain_range(x: jax.Array, axis=None, *, keepdims: bool = False) -> tuple[jax
   x = jnp.asarray(x)
   axes = _reduces_minor_axes(x.ndim, axis)
   if axes is not None and x.size and jnp.issubdtype(x.dtype, jnp.floating):
-    lo, hi = _min_max(x, axes)
+    lo, hi = min_max(x, x, axes)
     if keepdims:
       lo, hi = jnp.expand_dims(lo, axes), jnp.expand_dims(hi, axes)
     f = jnp.promote_types(x.dtype, jnp.float32)
     return lo, hi, (lo.astype(f) - lo.astype(f)) + (hi.astype(f) - hi.astype(f))
-  f = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mark = jnp.sum(f - f, axis=axis, keepdims=keepdims)
+  mark = _sum_mark(x, axis, keepdims)
   return jnp.min(x, axis=axis, keepdims=keepdims), jnp.max(x, axis=axis, keepdims=keepdims), mark
 
 
@@ -244,8 +249,7 @@ def plain_amax(x: jax.Array, axis=None, *, keepdims: bool = False) -> tuple[jax.
   if _reduces_minor_axes(x.ndim, axis) is not None:
     lo, hi, mark = plain_range(x, axis, keepdims=keepdims)
     return jnp.maximum(-lo, hi), mark
-  f = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims), jnp.sum(f - f, axis=axis, keepdims=keepdims)
+  return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims), _sum_mark(x, axis, keepdims)
 
 
 def to_grid_units(x: jax.Array, scale) -> jax.Array:

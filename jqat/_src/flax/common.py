@@ -192,9 +192,7 @@ def activation_qparams(
       # batch is finite and goes to the dot for those rows' outputs.
       row_lo, row_hi, mark = qparams_lib.plain_range(x, axis=tuple(contracting), keepdims=True)
       # Over the rows: used only where the mark says the batch is finite.
-      top = jnp.array(jnp.inf, row_lo.dtype)
-      both = lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1]))  # noqa: E731
-      plain = *lax.reduce((row_lo, row_hi), (top, -top), both, tuple(range(x.ndim))), mark
+      plain = *qparams_lib.min_max(row_lo, row_hi, tuple(range(x.ndim))), mark
     new_ema = range_stats.moving_average_step(ema, x, plain)
     ema = jax.tree.map(lambda new, old: jnp.where(stats.frozen, old, new), new_ema, ema)
     # The average has seen this batch: before any statistics its range is
@@ -211,19 +209,24 @@ def activation_qparams(
   return QParams(*lax.cond(seen, from_stats, from_batch, ema)), stats, None
 
 
-def dynamic_activation_qparams(x: jax.Array, config: QatConfig, contracting) -> tuple[QParams, jax.Array | None]:
+def dynamic_activation_qparams(
+  x: jax.Array, config: QatConfig, contracting=None
+) -> tuple[QParams, jax.Array | None]:
   """A dynamic (per-token or per-group) activation's QParams from its own range, and its rows' mark, or None.
 
   When the blocks of ``config`` are the rows of a dot that contracts ``x``
   over ``contracting`` (per-token ranges), ``own_range_qparams`` takes the
   range with one plain reduction and its mark is the dot's row mark, so the
   dot makes a non-finite row's outputs NaN without a pass of its own (such a
-  row gets scale 1). Otherwise ``qparams_from_array`` and None.
+  row gets scale 1). Otherwise (or ``contracting`` None: no dot)
+  ``qparams_from_array`` and None.
   """
   x = lax.stop_gradient(x)
-  rows = config.group_size is None and set(qparams_lib.reduce_axes(x.shape, config)) == {
-    a % x.ndim for a in contracting
-  }
+  rows = (
+    contracting is not None
+    and config.group_size is None
+    and set(qparams_lib.reduce_axes(x.shape, config)) == {a % x.ndim for a in contracting}
+  )
   if not rows:
     return qparams_lib.qparams_from_array(x, config), None
   return own_range_qparams(x, config, marked_blocks=True)
