@@ -206,8 +206,8 @@ class _QuantOperands:
     )
     calib.value = {**calib.value, "stats": calibration.update_stats(calib.value["stats"], x)}
 
-  def _lhs_qparams(self, x, config: QatConfig, contracting=None) -> QParams:
-    return self._lhs_qparams_and_mark(x, config, contracting)[0]
+  def _lhs_qparams(self, x, config: QatConfig) -> QParams:
+    return self._lhs_qparams_and_mark(x, config)[0]
 
   def _lhs_qparams_and_mark(self, x, config: QatConfig, contracting=None) -> tuple[QParams, jax.Array | None]:
     """The activation's QParams, and its rows' non-finite mark when its range reduction gives it, else None."""
@@ -217,8 +217,6 @@ class _QuantOperands:
       zp = self.param("lhs_zero_point", lambda _: init.zero_point) if not config.symmetric else init.zero_point
       return QParams(scale, zp), None
     if common.is_dynamic(config):
-      if contracting is None:
-        return qparams_lib.qparams_from_array(lax.stop_gradient(x), config), None
       return common.dynamic_activation_qparams(x, config, contracting)
     if not self.has_variable(STATS, "lhs") and not self.is_mutable_collection(STATS):
       # Applied with params alone: the batch's own range, as before the first statistics.

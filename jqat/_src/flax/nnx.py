@@ -281,7 +281,7 @@ class _Quantizer(nnx.Module):
         self.lhs_lsq_ready.set_value(jnp.ones((), bool))
       zp = jnp.zeros((), jnp.float32) if zp is None else zp
       return QParams(scale.reshape(shape), zp.reshape(shape)), None
-    if common.is_dynamic(config) and contracting is not None:
+    if common.is_dynamic(config):
       return common.dynamic_activation_qparams(x, config, contracting)
     stats = self.lhs_stats.get_value() if self.lhs_stats is not None else None
     update = stats is not None and not self.use_running_average
