@@ -142,13 +142,11 @@ def _forward(static: _Static, lhs, rhs, ls, lz, rs, rz, rhs_mark=None, lhs_mark=
   lcfg, rcfg = static.lhs_config, static.rhs_config
   if lcfg is not None:
     ls, lz = _materialized(ls, lz, with_zero_point=not lcfg.symmetric)
-  if rcfg is not None:
-    rs, rz = _materialized(rs, rz, with_zero_point=not rcfg.symmetric)
-  if lcfg is not None:
     ql, ml = _quantize(lhs, ls, lz, lcfg)
   else:
     ql, ml = lhs, None
   if rcfg is not None:
+    rs, rz = _materialized(rs, rz, with_zero_point=not rcfg.symmetric)
     qr, mr = _quantize(rhs, rs, rz, rcfg)
   else:
     qr, mr = rhs, None
