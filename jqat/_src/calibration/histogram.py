@@ -131,28 +131,6 @@ def _widen(counts: jax.Array, k: jax.Array, extra: int = 0) -> jax.Array:
   return lax.cond(k > 0, lambda c, k: pad(_coarsen(c, k)), lambda c, k: pad(c) + jnp.zeros_like(k), counts, k)
 
 
-def _finite_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(min, max) of the finite values of ``x`` (any shape); ``(+inf, -inf)`` if none.
-
-  One pass for both, a variadic reduction (on XLA:CPU about 2.5x faster than ``finite_range``'s two). A
-  non-finite result means NaN or ±Inf took part, and only then the masked pass runs. A NaN that the reduction
-  drops (XLA:CPU's can) leaves the min and max of the other values, which is the answer or, with ±Inf among
-  them, non-finite again.
-  """
-  lo, hi = lax.reduce(
-    (x, x),
-    (jnp.float32(jnp.inf), jnp.float32(-jnp.inf)),
-    lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
-    tuple(range(x.ndim)),
-  )
-
-  def masked(_):
-    finite = jnp.isfinite(x)
-    return jnp.min(jnp.where(finite, x, jnp.inf)), jnp.max(jnp.where(finite, x, -jnp.inf))
-
-  return lax.cond(jnp.isfinite(lo) & jnp.isfinite(hi), lambda _: (lo, hi), masked, None)
-
-
 @jax.jit
 def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   """Adds the finite values of ``x`` (any shape) to the histogram.
@@ -179,7 +157,9 @@ def histogram_update(state: HistogramState, x: ArrayLike) -> HistogramState:
   # The range and a batch of one chunk read x in its own shape: flattened, XLA:CPU recomputes a fused producer
   # (a ReLU of the layer's dot) with per-element index arithmetic, several times slower.
   x = x.astype(jnp.float32)
-  lo, hi = _finite_range(x)
+  # One variadic min / max pass over x in its own shape (a NaN-propagating one: the masked pass runs only when a
+  # NaN or ±Inf took part).
+  lo, hi = (a.reshape(()) for a in range_stats.finite_range(x, (1,) * x.ndim)[:2])
   n = state.counts.shape[0]
   log2n = _log2_bins(n)
   amax = jnp.where(lo <= hi, jnp.maximum(-lo, hi), 0.0)

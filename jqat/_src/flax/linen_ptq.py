@@ -46,6 +46,7 @@ from flax import traverse_util
 from jax import lax
 
 from jqat._src import rules as rules_lib
+from jqat._src.calibration import range_stats
 from jqat._src.calibration.moments import moments_init, moments_merge, moments_update
 from jqat._src.config import QatConfig
 from jqat._src.flax import common
@@ -161,9 +162,7 @@ def _pass(model, apply_kwargs, layers_out: dict, order: list, hessian: bool, sam
         entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       else:
         entry = stats[path]
-        finite = jnp.isfinite(x)  # NaN and ±Inf left out (XLA:CPU's min / max would not even propagate a NaN)
-        lo = jnp.min(jnp.where(finite, x, jnp.inf)).reshape(1)
-        hi = jnp.max(jnp.where(finite, x, -jnp.inf)).reshape(1)
+        lo, hi, _ = range_stats.finite_range(x, (1,))  # NaN and ±Inf left out
         entry["lo"] = jnp.minimum(entry.get("lo", lo), lo)
         entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       return lax.dot_general(

@@ -39,6 +39,7 @@ from flax import nnx
 from jax import lax
 
 from jqat._src import rules as rules_lib
+from jqat._src.calibration import range_stats
 from jqat._src.calibration.moments import moments_init, moments_update
 from jqat._src.flax import common
 from jqat._src.flax import linen_ptq as lptq
@@ -120,9 +121,7 @@ def _build(graphdef, call_kwargs: Mapping, hessian: bool, sample_rows: int):
         lo = jnp.min(jnp.where(finite, rows, jnp.inf), axis=0)
         hi = jnp.max(jnp.where(finite, rows, -jnp.inf), axis=0)
       else:
-        finite = jnp.isfinite(x)  # NaN and ±Inf left out (XLA:CPU's min / max would not even propagate a NaN)
-        lo = jnp.min(jnp.where(finite, x, jnp.inf)).reshape(1)
-        hi = jnp.max(jnp.where(finite, x, -jnp.inf)).reshape(1)
+        lo, hi, _ = range_stats.finite_range(x, (1,))  # NaN and ±Inf left out
       entry["lo"] = jnp.minimum(entry.get("lo", lo), lo)
       entry["hi"] = jnp.maximum(entry.get("hi", hi), hi)
       rhs = jnp.asarray(rhs).astype(x.dtype)
