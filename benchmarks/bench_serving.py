@@ -95,6 +95,22 @@ def median_ms(f, *args, reps: int) -> float:
   return float(np.median(times)) * 1e3
 
 
+def interleaved(variants: dict, reps: int, rounds: int) -> dict:
+  """Best of ``rounds`` medians per ``name: (f, *args)``; every variant compiled first, the order flipping every round.
+
+  The alternating order makes load from other processes hit every variant alike.
+  """
+  for f, *args in variants.values():
+    jax.block_until_ready(f(*args))
+  best = {name: float("inf") for name in variants}
+  names = list(variants)
+  for r in range(rounds):
+    for name in names if r % 2 == 0 else names[::-1]:
+      f, *args = variants[name]
+      best[name] = min(best[name], median_ms(f, *args, reps=reps))
+  return best
+
+
 def nbytes(tree) -> int:
   return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
@@ -166,14 +182,7 @@ def bench_shape(m: int, k: int, n: int, reps: int, rounds: int = 1, only=()) -> 
   }
   if only:
     variants = {name: v for name, v in variants.items() if name in only or name in ("float", "raw int8")}
-  for f, *args in variants.values():
-    jax.block_until_ready(f(*args))  # compiles
-  times = {name: float("inf") for name in variants}
-  names = list(variants)
-  for r in range(rounds):  # alternate the order so that load from other processes hits every variant alike
-    for name in names if r % 2 == 0 else names[::-1]:
-      f, *args = variants[name]
-      times[name] = min(times[name], median_ms(f, *args, reps=reps))
+  times = interleaved(variants, reps, rounds)
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   print(f"(M, K, N) = ({m}, {k}, {n})")
   print(f"  {'variant':<13} {'ms':>8} {'/float':>7} {'/raw int8':>9} {'fusions':>7}  max |err| vs float64")
@@ -268,13 +277,7 @@ def parts(m: int, k: int, n: int, reps: int, rounds: int) -> None:
     "quantize": (lambda x, qp: qtensor.quantize_finite(x, qp, xcfg).values, x, xqp),
     "rescale": (rescale, acc, xqp, wp),
   }
-  passes = {name: (jax.jit(f), *args) for name, (f, *args) in passes.items()}
-  times = {name: float("inf") for name in passes}
-  names = list(passes)
-  for r in range(rounds):
-    for name in names if r % 2 == 0 else names[::-1]:
-      f, *args = passes[name]
-      times[name] = min(times[name], median_ms(f, *args, reps=reps))
+  times = interleaved({name: (jax.jit(f), *args) for name, (f, *args) in passes.items()}, reps, rounds)
   dot = times["raw int8 dot"]
   print(f"(M, K, N) = ({m}, {k}, {n})")
   for name, t in times.items():

@@ -53,25 +53,12 @@ import jqat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_qat_step  # noqa: E402  (the QAT step of the other benchmarks)
-from bench_serving import median_ms  # noqa: E402
+from bench_serving import interleaved  # noqa: E402
 
 MATMUL = (((1,), (0,)), ((), ()))
 SHAPES = ((8, 8192, 8192), (4096, 8192, 8192))
 SMOKE_SHAPES = ((8, 128, 64),)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def interleaved(variants: dict, reps: int, rounds: int) -> dict:
-  """Best of ``rounds`` medians per variant; every variant compiled first, the order flipping every round."""
-  for f, *args in variants.values():
-    jax.block_until_ready(f(*args))
-  best = {name: float("inf") for name in variants}
-  names = list(variants)
-  for r in range(rounds):
-    for name in names if r % 2 == 0 else names[::-1]:
-      f, *args = variants[name]
-      best[name] = min(best[name], median_ms(f, *args, reps=reps))
-  return best
 
 
 def serving(shapes, reps: int, rounds: int) -> dict:
