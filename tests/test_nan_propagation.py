@@ -203,7 +203,7 @@ BAD_ROWS = [1, 3, 7, 9]
 
 
 def _per_token_layer(api, w):
-  """A per-token QAT dense layer with kernel ``w``, in linen or NNX, as ``x -> y``."""
+  """A per-token QAT dense layer with kernel ``w``, in linen or NNX, as a jitted ``x -> y``."""
   import functools
 
   import flax.linen as nn
@@ -211,16 +211,16 @@ def _per_token_layer(api, w):
 
   if api == "linen":
     layer = nn.Dense(4, use_bias=False, dot_general_cls=functools.partial(jqat.linen.QatDotGeneral, lhs_config=TOKEN))
-    return lambda x: layer.apply({"params": {"kernel": w}, "quant_stats": {}}, x, mutable=["quant_stats"])[0]
+    return jax.jit(lambda x: layer.apply({"params": {"kernel": w}, "quant_stats": {}}, x, mutable=["quant_stats"])[0])
   layer = jqat.nnx.QatDense(w.shape[0], 4, use_bias=False, activation_config=TOKEN, rngs=nnx.Rngs(0))
   layer.kernel.set_value(jnp.asarray(w))
-  return nnx.jit(lambda layer, x: layer(x)).__get__(layer)
+  return functools.partial(nnx.jit(lambda layer, x: layer(x)), layer)
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_per_token_layer_marks_exactly_the_rows_that_meet_nan_or_inf(api):
   x, w = _big_bad_lhs()
-  fn = jax.jit(_per_token_layer(api, w)) if api == "linen" else _per_token_layer(api, w)
+  fn = _per_token_layer(api, w)
   y = np.asarray(fn(x))
   np.testing.assert_array_equal(np.isfinite(y), np.isfinite(x @ w))
   # The other rows: each token quantized with its own range, as fake_quant computes it.
